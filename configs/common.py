@@ -1,0 +1,88 @@
+"""Shared pieces of the `get_config(arg)` files: data, mesh, checkpoint and logging sections.
+
+Config files compose these sections and then apply their own variants. Keeping the
+sections here means the dVAE and transformer configs read their data the same way
+and a new dataset option appears everywhere at once.
+"""
+
+import os
+
+import ml_collections as mlc
+
+# Where prepared datasets live unless a config or --config.data.data_dir says otherwise.
+DEFAULT_DATA_DIR = os.environ.get("DALLE_JAX_DATA_DIR", os.path.join(os.getcwd(), "data"))
+
+# Sizes of the built-in `shapes` dataset per variant: (image_size, train, validation, test).
+SHAPES_SIZES = {
+    "tiny": (64, 20_000, 1_000, 1_000),
+    "small": (64, 100_000, 5_000, 5_000),
+    "paper": (256, 100_000, 5_000, 5_000),
+}
+
+
+def shapes_data(size: str = "small", *, batch_size: int = 32, augment: str = "dvae") -> mlc.ConfigDict:
+    """Data section for the built-in `shapes` dataset."""
+    if size not in SHAPES_SIZES:
+        raise ValueError(f"shapes size {size!r} is not one of {sorted(SHAPES_SIZES)}")
+    image_size, n_train, n_val, n_test = SHAPES_SIZES[size]
+    c = mlc.ConfigDict()
+    c.source = "shapes"
+    c.data_dir = DEFAULT_DATA_DIR
+    c.shapes = dict(image_size=image_size, num_train=n_train, num_validation=n_val, num_test=n_test)
+    c.captions = captions_source()
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.image_size = image_size  # model resolution; augmentations crop/resize to it
+    c.global_batch_size = batch_size
+    c.augment = augment  # dvae (paper Listing 1) | transformer (Listing 2) | none
+    c.seed = 0
+    c.worker_count = 0
+    return c
+
+
+def captions_source(name: str = "", sources: str = "") -> mlc.ConfigDict:
+    """Options of the real image-caption builder (folders and/or webdataset tar globs).
+
+    `sources` is a comma-separated list so it can be given on the command line.
+    """
+    return mlc.ConfigDict(
+        dict(
+            name=name,
+            sources=sources,
+            min_caption_chars=3,
+            min_side=64,
+            min_aspect=0.5,
+            max_aspect=2.0,
+            max_short_side=0,  # 0 keeps the original resolution
+            validation_fraction=0.01,
+        )
+    )
+
+
+def captions_data(name: str, sources: str, *, image_size: int = 256, batch_size: int = 32,
+                  augment: str = "dvae") -> mlc.ConfigDict:
+    """Data section for a real image-caption dataset prepared from folders or tar shards."""
+    c = shapes_data("small", batch_size=batch_size, augment=augment)
+    c.source = "captions"
+    c.captions = captions_source(name, sources)
+    c.image_size = image_size
+    return c
+
+
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
+    """Mesh degrees over ("data", "fsdp", "tensor"); one may be -1 (all remaining devices)."""
+    return mlc.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def precision(compute_dtype: str = "float32") -> mlc.ConfigDict:
+    """Parameters and optimizer state stay fp32; `compute_dtype` is bf16 on TPU/GPU runs."""
+    return mlc.ConfigDict(dict(param_dtype="float32", compute_dtype=compute_dtype))
+
+
+def checkpointing(every: int = 1000, keep: int = 3) -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(every_steps=every, max_to_keep=keep, async_save=True, resume_from="",
+                               init_params=""))
+
+
+def logging(every: int = 50) -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(every_steps=every, progress_bar=True))

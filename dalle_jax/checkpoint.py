@@ -1,0 +1,159 @@
+"""orbax checkpoints: train state, data-iterator position and run identity, saved together.
+
+A checkpoint step holds three items:
+  * ``state``: the train state (step, params, optimizer state, EMA) via StandardSave,
+    restored into an abstract target that carries the *current* shardings, so a run can
+    resume on a different mesh;
+  * ``data``: the input pipeline's position (JSON), so resume continues with the exact
+    next batch;
+  * ``meta``: what the run is (task kind, model config, config), checked before the
+    state is restored so a checkpoint from a different model fails with a clear error.
+Params-only exports (optionally bf16) serve sampling and Colab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+ITEMS = ("state", "data", "meta")
+
+
+def diff_dicts(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested dicts (for mismatch errors)."""
+    out = []
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for k in sorted(set(saved) | set(current)):
+            p = f"{prefix}{k}"
+            if k not in saved:
+                out.append(f"{p}: missing in checkpoint, now {current[k]!r}")
+            elif k not in current:
+                out.append(f"{p}: {saved[k]!r} in checkpoint, not in this run")
+            else:
+                out.extend(diff_dicts(saved[k], current[k], p + "."))
+    elif _norm(saved) != _norm(current):
+        out.append(f"{prefix.rstrip('.')}: checkpoint has {saved!r}, this run has {current!r}")
+    return out
+
+
+def _norm(v):
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    return v
+
+
+def check_compatible(saved_meta: dict, identity: dict, where: str) -> None:
+    """Raises ValueError if ``saved_meta['identity']`` differs from this run's ``identity``."""
+    saved = saved_meta.get("identity", {})
+    diffs = diff_dicts(saved, identity)
+    if diffs:
+        raise ValueError(
+            f"checkpoint at {where} is from a different model:\n  " + "\n  ".join(diffs))
+
+
+class Checkpointer:
+    """A CheckpointManager for one run directory (``workdir/checkpoints``)."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only,
+            read_only=read_only)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"pipeline": data_state}),
+            meta=ocp.args.JsonSave(meta),
+        )
+        return self._mngr.save(int(step), args=args, force=force)
+
+    def read_meta(self, step: int) -> dict:
+        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: Any, identity: dict | None = None):
+        """Restores ``(state, data_state, meta)``; checks identity first when given."""
+        meta = self.read_meta(step)
+        if identity is not None:
+            check_compatible(meta, identity, f"{self.directory} step {step}")
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]["pipeline"], meta
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+
+def find_checkpoint(path: str) -> tuple[str, int]:
+    """Resolves ``.../checkpoints`` or ``.../checkpoints/<step>`` to (manager dir, step)."""
+    path = os.path.abspath(path)
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.isdir(path):
+        return os.path.dirname(path), int(base)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found at {path!r}")
+    return path, steps[-1]
+
+
+def export_params(path: str, params: Any, meta: dict, *, dtype: str | None = None) -> str:
+    """Writes params only (for sampling / Colab), as ``path/params`` + ``path/meta.json``.
+
+    Refuses to overwrite an existing export: nothing already saved is replaced.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.listdir(path):
+        raise FileExistsError(f"export directory {path!r} exists and is not empty; choose another")
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x,
+                              params)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(epath.Path(path) / "params", params)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        with open(os.path.join(path, "meta.json"), "w") as f:
+            json.dump(dict(meta, export_dtype=dtype or "float32"), f, indent=2, sort_keys=True,
+                      default=str)
+    return path
+
+
+def load_params(path: str, *, identity: dict | None = None, abstract: Any = None) -> tuple[Any, dict]:
+    """Loads an ``export_params`` directory; checks identity if given.
+
+    With ``abstract`` (ShapeDtypeStructs carrying shardings) the params land sharded.
+    """
+    path = os.path.abspath(path)
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{path!r} is not a params export (no meta.json)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if identity is not None:
+        check_compatible(meta, identity, path)
+    ckptr = ocp.StandardCheckpointer()
+    if abstract is None:
+        params = ckptr.restore(epath.Path(path) / "params")
+    else:
+        params = ckptr.restore(epath.Path(path) / "params", abstract)
+    return params, meta

@@ -1,0 +1,1 @@
+"""Data: TFDS builders writing array_record, NumPy augmentations and the grain input pipeline."""

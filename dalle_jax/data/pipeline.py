@@ -1,0 +1,380 @@
+"""Grain input pipeline: shard, shuffle, augment, batch, and turn batches into global arrays.
+
+The pipeline reads any random-access source (``len(source)`` and ``source[i]`` giving a
+dict with a uint8 ``(H, W, 3)`` ``image``, usually a ``caption`` as bytes or str, and
+optionally other numeric fields), for example ``builder.as_data_source()[split]`` of a
+TFDS ``array_record`` dataset.
+
+Order of operations, all on grain ``MapDataset``s so that every batch has a fixed
+position in a fixed sequence:
+
+1. **Shard**: this process keeps a contiguous slice of the record keys
+   (``ShardByJaxProcess(drop_remainder=True)`` unless other ``ShardOptions`` are given).
+2. **Shuffle**: a new permutation of the shard every epoch, then repeat for
+   ``num_epochs`` (``None``: forever; training stops on step counts).
+3. **Load and augment**: each record is augmented with a generator seeded by
+   ``(seed, epoch, record_key)`` only, so an example's augmentation does not depend on
+   the batch size, the process count, the shuffle or the worker count.
+4. **Batch** per process: ``global_batch_size // shard_count`` examples.
+
+Batching happens before the data is handed to threads or worker processes, so a
+worker produces whole batches at fixed positions: the output is identical for every
+``worker_count``. The iterator's checkpoint state is therefore just the number of
+batches already returned (plus a fingerprint of the settings), and restoring it slices
+the batch sequence at that position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dalle_jax.data.augment import AUGMENTATIONS
+
+Batch = dict[str, Any]
+
+_STATE_VERSION = 1
+# Fields of the state that must match the pipeline a state is restored into: with any
+# of them different, "the next batch" would not be the batch the saved run would have
+# seen. worker_count is deliberately absent because it does not change the output.
+_STATE_FINGERPRINT = (
+    "num_records",
+    "shard_index",
+    "shard_count",
+    "shard_drop_remainder",
+    "global_batch_size",
+    "image_size",
+    "augment",
+    "seed",
+    "shuffle",
+    "num_epochs",
+    "drop_remainder",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of the input pipeline.
+
+    Attributes:
+        global_batch_size: examples per step over all processes; must divide evenly by
+            the number of shards (processes).
+        image_size: side of the square output images.
+        augment: key of ``AUGMENTATIONS``: "dvae", "transformer" or "none" (centre crop).
+        seed: seeds the shuffle and the augmentations; in ``[0, 2**32)``.
+        shuffle: reshuffle the shard every epoch.
+        num_epochs: passes over the data; None repeats forever.
+        worker_count: grain worker processes (0: work in this process). Does not change
+            the output.
+        drop_remainder: drop a final partial batch (only matters for finite epochs).
+        read_threads: threads in each process that build batches ahead of time
+            (0: build them on demand).
+        prefetch_batches: batches each process keeps ready ahead of time.
+    """
+
+    global_batch_size: int
+    image_size: int
+    augment: str = "dvae"
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    worker_count: int = 0
+    drop_remainder: bool = True
+    read_threads: int = 2
+    prefetch_batches: int = 2
+
+    def __post_init__(self):
+        if self.global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {self.global_batch_size}")
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augment {self.augment!r}; choose from {sorted(AUGMENTATIONS)}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive or None, got {self.num_epochs}")
+        if self.worker_count < 0 or self.read_threads < 0 or self.prefetch_batches < 0:
+            raise ValueError("worker_count, read_threads and prefetch_batches must be >= 0")
+
+
+def _shard_bounds(num_records: int, shard: grain.sharding.ShardOptions) -> tuple[int, int]:
+    """Returns the ``[start, end)`` record keys of one contiguous shard.
+
+    With ``drop_remainder`` every shard has ``num_records // shard_count`` records, so
+    all processes run through epochs in lock step; otherwise the first
+    ``num_records % shard_count`` shards get one record more.
+    """
+    per_shard, rest = divmod(num_records, shard.shard_count)
+    start = per_shard * shard.shard_index
+    end = start + per_shard
+    if not shard.drop_remainder:
+        start += min(shard.shard_index, rest)
+        end += min(shard.shard_index + 1, rest)
+    return start, end
+
+
+def _shuffle_seed(seed: int) -> int:
+    """Derives the shuffle seed from the pipeline seed.
+
+    grain seeds epoch ``e`` of a shuffle with ``seed + e``, so using the pipeline seed
+    directly would make seed ``s + 1`` replay the orders of seed ``s`` shifted by one
+    epoch. Hashing the seed removes that overlap.
+    """
+    return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
+
+
+def _decode_text(value: Any) -> Any:
+    """Decodes bytes (TFDS ``Text`` features come back as bytes) to str."""
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return value
+
+
+class _LoadAndAugment:
+    """Reads one record by key and augments its image (module level, so it pickles)."""
+
+    def __init__(self, source: Any, augment: str, image_size: int, seed: int, shard_len: int):
+        self._source = source
+        self._augment = augment
+        self._image_size = image_size
+        self._seed = seed
+        self._shard_len = shard_len
+
+    def __call__(self, index: int, record_key: int) -> dict[str, Any]:
+        # `index` runs over the repeated shard, so it tells the epoch; the generator is
+        # then keyed by what the example *is* in that epoch, not by where it lands.
+        epoch = index // self._shard_len
+        rng = np.random.default_rng([self._seed, epoch, int(record_key)])
+        record = self._source[int(record_key)]
+        example = {key: _decode_text(value) for key, value in record.items()}
+        example["image"] = AUGMENTATIONS[self._augment](
+            np.asarray(record["image"]), rng, self._image_size
+        )
+        return example
+
+
+def _collate(examples: Sequence[Mapping[str, Any]]) -> Batch:
+    """Stacks numeric fields into arrays and collects str fields into object arrays."""
+    batch: Batch = {}
+    for key in examples[0]:
+        values = [example[key] for example in examples]
+        if isinstance(values[0], str):
+            column = np.empty(len(values), dtype=object)
+            column[:] = values
+            batch[key] = column
+        else:
+            batch[key] = np.stack([np.asarray(value) for value in values])
+    return batch
+
+
+class Pipeline:
+    """Iterator over host-local batches with a JSON-serialisable checkpoint state.
+
+    Each batch is a dict of numpy arrays with a leading axis of ``local_batch_size``:
+    ``image`` uint8 ``(B, S, S, 3)``, ``caption`` object array of str ``(B,)`` and the
+    source's other fields stacked. Use ``to_global`` to make them ``jax.Array``s.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        cfg: PipelineConfig,
+        shard_options: grain.sharding.ShardOptions,
+    ):
+        num_records = len(source)
+        if cfg.global_batch_size % shard_options.shard_count:
+            raise ValueError(
+                f"global_batch_size {cfg.global_batch_size} is not divisible by the "
+                f"process (shard) count {shard_options.shard_count}"
+            )
+        start, end = _shard_bounds(num_records, shard_options)
+        if end <= start:
+            raise ValueError(
+                f"shard {shard_options.shard_index}/{shard_options.shard_count} of a "
+                f"source with {num_records} records is empty"
+            )
+        self.config = cfg
+        self.shard_options = shard_options
+        self.local_batch_size = cfg.global_batch_size // shard_options.shard_count
+
+        keys = grain.MapDataset.range(start, end)
+        if cfg.shuffle:
+            keys = keys.shuffle(seed=_shuffle_seed(cfg.seed))
+        examples = keys.repeat(cfg.num_epochs).map_with_index(
+            _LoadAndAugment(source, cfg.augment, cfg.image_size, cfg.seed, end - start)
+        )
+        self._batches = examples.batch(
+            self.local_batch_size, drop_remainder=cfg.drop_remainder, batch_fn=_collate
+        )
+        self._fingerprint = {
+            "num_records": num_records,
+            "shard_index": shard_options.shard_index,
+            "shard_count": shard_options.shard_count,
+            "shard_drop_remainder": bool(shard_options.drop_remainder),
+            "global_batch_size": cfg.global_batch_size,
+            "image_size": cfg.image_size,
+            "augment": cfg.augment,
+            "seed": cfg.seed,
+            "shuffle": cfg.shuffle,
+            "num_epochs": cfg.num_epochs,
+            "drop_remainder": cfg.drop_remainder,
+        }
+        self._next_batch = 0
+        self._iterator: Iterator[Batch] | None = None
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches in the whole (finite) run, or None when it repeats forever."""
+        if self.config.num_epochs is None:
+            return None
+        return len(self._batches)
+
+    def _open(self) -> Iterator[Batch]:
+        """Starts reading at batch ``self._next_batch``."""
+        cfg = self.config
+        if cfg.worker_count > 0 and not flags.FLAGS.is_parsed():
+            # grain workers read an absl flag and fail on unparsed flags (grain 0.2.18,
+            # google/grain#1355); programs run through absl.app have parsed them already.
+            flags.FLAGS.mark_as_parsed()
+        dataset = self._batches[self._next_batch :].to_iter_dataset(
+            grain.ReadOptions(
+                num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches
+            )
+        )
+        if cfg.worker_count > 0:
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=cfg.worker_count,
+                    per_worker_buffer_size=max(1, cfg.prefetch_batches),
+                )
+            )
+        return iter(dataset)
+
+    def __iter__(self) -> "Pipeline":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            self._iterator = self._open()
+        batch = next(self._iterator)
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """Returns a JSON-serialisable dict: the next batch's position and the settings."""
+        return {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._fingerprint}
+
+    def set_state(self, state: Mapping[str, Any] | str | bytes) -> None:
+        """Restores a ``get_state`` result (dict, or its JSON as str/bytes).
+
+        The next batch is then the one an uninterrupted iterator would have returned.
+
+        Raises:
+            ValueError: the state comes from a pipeline with different data, sharding,
+                batch size or randomness settings.
+        """
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported pipeline state version {state.get('version')!r}")
+        mismatched = {
+            key: (state.get(key), self._fingerprint[key])
+            for key in _STATE_FINGERPRINT
+            if state.get(key) != self._fingerprint[key]
+        }
+        if mismatched:
+            raise ValueError(f"pipeline state does not match this pipeline (saved, current): {mismatched}")
+        self.close()
+        self._next_batch = int(state["next_batch"])
+
+    def close(self) -> None:
+        """Stops the reader threads and worker processes, if any are running."""
+        if self._iterator is not None:
+            close = getattr(self._iterator, "close", None)
+            if close is not None:
+                close()
+            self._iterator = None
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def make_pipeline(
+    source: Any,
+    cfg: PipelineConfig,
+    *,
+    shard_options: grain.sharding.ShardOptions | None = None,
+) -> Pipeline:
+    """Builds the input pipeline for this process.
+
+    Args:
+        source: random-access source; ``source[i]`` is a dict with a uint8 ``image``.
+        cfg: pipeline settings.
+        shard_options: which shard this process reads; defaults to
+            ``grain.sharding.ShardByJaxProcess(drop_remainder=True)``. Tests pass
+            explicit ``ShardOptions(i, n)`` to act as process ``i`` of ``n``.
+
+    Returns:
+        A ``Pipeline`` yielding batches of ``cfg.global_batch_size // shard_count``.
+
+    Raises:
+        ValueError: the global batch does not split evenly over the shards, or this
+            process's shard is empty.
+    """
+    if shard_options is None:
+        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    return Pipeline(source, cfg, shard_options)
+
+
+def batch_sharding(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
+    """Returns the sharding that splits a batch's leading axis over ``axes``.
+
+    Axes missing from the mesh are skipped, so one call works for meshes with and
+    without an ``fsdp`` axis.
+
+    Raises:
+        ValueError: none of ``axes`` is in the mesh (a replicated batch would make every
+            process claim its local batch is the whole global batch).
+    """
+    present = tuple(axis for axis in axes if axis in mesh.axis_names)
+    if not present:
+        raise ValueError(f"none of the batch axes {tuple(axes)} is in the mesh axes {mesh.axis_names}")
+    return NamedSharding(mesh, P(present))
+
+
+def to_global(batch: Mapping[str, Any], sharding: jax.sharding.Sharding) -> Batch:
+    """Assembles global ``jax.Array``s from every process's host-local batch.
+
+    Numeric arrays are combined with ``jax.make_array_from_process_local_data``: the
+    global leading axis is the concatenation of all processes' local batches. String
+    fields (object/str/bytes dtypes) cannot live on devices and stay host-local numpy.
+    """
+    out: Batch = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "OSU":
+            out[key] = value
+        else:
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+__all__ = [
+    "Batch",
+    "Pipeline",
+    "PipelineConfig",
+    "batch_sharding",
+    "make_pipeline",
+    "to_global",
+]

@@ -1,0 +1,93 @@
+"""The command-line entry point: ``python -m dalle_jax.main --job=JOB --config=FILE.py:ARGS --workdir=DIR``.
+
+One binary runs every stage; the job name picks the stage and the config file picks
+the sizes. The resolved config is written to ``workdir/config.json`` before the job
+starts (a previous, different one is kept as ``config.<time>.json``, never overwritten).
+Multi-host runs initialise ``jax.distributed`` here: automatically on SLURM and TPU
+pods, or explicitly with ``--coordinator_address/--num_processes/--process_id``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dalle_jax import configlib, jobs
+
+# `import common` inside config files must resolve before flags are parsed.
+for _a in sys.argv[1:]:
+    if _a.startswith("--config="):
+        configlib.config_dir_on_path(_a[len("--config=") :])
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path/to/file.py:args`.",
+                                          lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for this run's outputs (created if missing).")
+flags.DEFINE_enum("job", None, sorted(jobs.JOBS), "Which job to run.")
+flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"],
+                  "Initialise jax.distributed: auto = when SLURM/TPU-pod variables say so.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
+flags.mark_flags_as_required(["config", "workdir", "job"])
+
+
+def _looks_multihost() -> bool:
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts
+
+
+def init_distributed() -> None:
+    import jax
+
+    if FLAGS.coordinator_address:
+        if FLAGS.num_processes is None or FLAGS.process_id is None:
+            raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.multihost == "on" or (FLAGS.multihost == "auto" and _looks_multihost()):
+        jax.distributed.initialize()
+
+
+def write_config(cfg, workdir: str) -> str:
+    """Saves the resolved config; an older, different config.json is renamed, not lost."""
+    path = os.path.join(workdir, "config.json")
+    text = configlib.to_json(cfg)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return path
+        os.replace(path, os.path.join(workdir, time.strftime("config.%Y%m%d-%H%M%S.json")))
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    init_distributed()
+    import jax
+
+    cfg = _CONFIG.value
+    workdir = os.path.abspath(FLAGS.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        write_config(cfg, workdir)
+    logging.info("job=%s workdir=%s processes=%d devices=%d", FLAGS.job, workdir,
+                 jax.process_count(), jax.device_count())
+    jobs.JOBS[FLAGS.job](cfg, workdir)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,694 @@
+"""The discrete VAE (stage 1 of DALL·E, paper §2.1 and App. A): model, relaxation and objective.
+
+This module owns:
+
+* `DVAEConfig`, the architecture hyper-parameters;
+* the Flax Linen encoder and decoder, built layer for layer like OpenAI's released
+  ``dall_e`` package (NHWC instead of NCHW; same parameter names, see below);
+* the pixel map, the Gumbel-softmax relaxation, the KL to the uniform prior, the
+  logit-Laplace likelihood and the training objective, all pure functions;
+* `encode` / `decode` (image <-> token grid) and `ImageTokenizer`, a small convenience
+  wrapper with host-side input checks.
+
+Parameter tree (the ``params`` collection, without the ``{"params": ...}`` wrapper)::
+
+    encoder/input/{kernel,bias}                         7x7, C -> n_hid
+    encoder/group_<g>/block_<i>/id_path/{kernel,bias}   1x1, only where width changes
+    encoder/group_<g>/block_<i>/res_path/conv_<j>/...   j = 1..4
+    encoder/output/conv/{kernel,bias}                   1x1, -> vocab logits
+    decoder/input/{kernel,bias}                         1x1, vocab -> n_init
+    decoder/group_<g>/block_<i>/{id_path,res_path/conv_<j>}/...
+    decoder/output/conv/{kernel,bias}                   1x1, -> 2C (mu, ln b)
+
+which is OpenAI's state-dict name ``blocks.<path>.{w,b}`` with ``.`` -> ``/``,
+``w`` -> ``kernel`` (OIHW -> HWIO) and ``b`` -> ``bias``. Groups and blocks count from 1
+as in the release. Kernels are ``(kh, kw, in, out)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Paper §A.3 eq. 3: pixels are squeezed into [eps, 1 - eps] so that the logit-Laplace
+# density (supported on (0, 1)) never has to model the endpoints.
+LOGIT_LAPLACE_EPS = 0.1
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# Logical names of an NHWC activation between layers (channels are left to XLA).
+_ACT_AXES = ("batch", "height", "width", None)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class DVAEConfig:
+    """Architecture of the dVAE. Defaults are the paper's model (paper §A.1; OpenAI release).
+
+    Attributes:
+        image_size: side of the square input image, in pixels.
+        input_channels: image channels (3 for RGB); the decoder predicts twice as many.
+        group_count: number of resolution groups; the grid is ``image_size / 2**(group_count-1)``.
+        n_hid: width of the first encoder group / last decoder group.
+        n_blk_per_group: residual blocks per group.
+        n_init: width of the decoder's input 1x1 conv.
+        vocab_size: codebook size K.
+        dtype: compute dtype of the convolutions (the encoder's last and the decoder's first
+            conv always run in float32, as in the release). Parameters are always float32.
+    """
+
+    image_size: int = 256
+    input_channels: int = 3
+    group_count: int = 4
+    n_hid: int = 256
+    n_blk_per_group: int = 2
+    n_init: int = 128
+    vocab_size: int = 8192
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dtype":
+                if value not in _DTYPES:
+                    raise ValueError(f"DVAEConfig.dtype must be one of {_DTYPES}, got {value!r}")
+            elif not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"DVAEConfig.{f.name} must be an int, got {value!r}")
+        minimum = dict(image_size=1, input_channels=1, group_count=1, n_hid=4,
+                       n_blk_per_group=1, n_init=1, vocab_size=2)
+        for name, lo in minimum.items():
+            if getattr(self, name) < lo:
+                raise ValueError(f"DVAEConfig.{name} must be >= {lo}, got {getattr(self, name)}")
+        # Bottleneck blocks use n_out // 4 hidden channels; the narrowest block is n_hid wide.
+        if self.n_hid % 4:
+            raise ValueError(f"DVAEConfig.n_hid must be a multiple of 4, got {self.n_hid}")
+        factor = 2 ** (self.group_count - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"DVAEConfig.image_size={self.image_size} must be divisible by "
+                f"2**(group_count-1)={factor} (one 2x pooling after each group but the last)"
+            )
+
+    @property
+    def grid(self) -> int:
+        """Side G of the token grid."""
+        return self.image_size // 2 ** (self.group_count - 1)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def n_layers(self) -> int:
+        """Total residual blocks per network; sets post_gain = 1 / n_layers**2."""
+        return self.group_count * self.n_blk_per_group
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def encoder_widths(self) -> tuple[int, ...]:
+        """Output width of each encoder group: n_hid * 2**g (256, 512, 1024, 2048 in the paper)."""
+        return tuple(self.n_hid * 2**g for g in range(self.group_count))
+
+    def decoder_widths(self) -> tuple[int, ...]:
+        """Output width of each decoder group: the encoder's widths reversed."""
+        return self.encoder_widths()[::-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | Any) -> DVAEConfig:
+        """Builds a config from a mapping (or anything with ``to_dict``, e.g. a ConfigDict).
+
+        Raises:
+            ValueError: on keys that are not config fields.
+        """
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DVAEConfig keys {unknown}; allowed keys are {sorted(known)}")
+        return cls(**d)
+
+    def architecture_diff(self, other: DVAEConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields that change the parameter shapes and differ: ``{name: (self, other)}``."""
+        names = ("input_channels", "group_count", "n_hid", "n_blk_per_group", "n_init", "vocab_size")
+        return {n: (getattr(self, n), getattr(other, n)) for n in names
+                if getattr(self, n) != getattr(other, n)}
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Conv(nn.Module):
+    """Stride-1 SAME convolution with OpenAI's init: w ~ N(0, 1/sqrt(n_in * k**2)), b = 0.
+
+    Parameters are float32; the input and parameters are cast to ``dtype`` for the compute.
+    """
+
+    in_features: int
+    features: int
+    kernel_size: int
+    dtype: Any = jnp.float32
+    in_axis: str = "conv_in"
+    out_axis: str = "conv_out"
+
+    def setup(self) -> None:
+        k = self.kernel_size
+        std = 1.0 / math.sqrt(self.in_features * k * k)
+        self.kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=std),
+                ("conv_window", "conv_window", self.in_axis, self.out_axis),
+            ),
+            (k, k, self.in_features, self.features),
+            jnp.float32,
+        )
+        self.bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.out_axis,)),
+            (self.features,),
+            jnp.float32,
+        )
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x_BHWC.astype(self.dtype),
+            self.kernel.astype(self.dtype),
+            window_strides=(1, 1),
+            padding="SAME",  # == PyTorch padding (k-1)//2 for odd k at stride 1
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + self.bias.astype(self.dtype)
+
+    def lookup(self, ids_BHW: jax.Array) -> jax.Array:
+        """A 1x1 conv applied to ``one_hot(ids)``, computed as a row gather (paper §2.2 decoding).
+
+        Out-of-range ids are clamped (``mode="clip"``); callers that need a check do it
+        on the host (see `ImageTokenizer.decode`).
+        """
+        if self.kernel_size != 1:
+            raise ValueError("lookup needs a 1x1 convolution")
+        table = self.kernel[0, 0]  # (in, out)
+        return jnp.take(table, ids_BHW, axis=0, mode="clip") + self.bias
+
+
+class ResPath(nn.Module):
+    """Pre-activation bottleneck: (ReLU -> conv) x 4 with the given kernel sizes."""
+
+    n_in: int
+    n_out: int
+    kernel_sizes: tuple[int, int, int, int]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_hid = self.n_out // 4
+        widths = (self.n_in, n_hid, n_hid, n_hid, self.n_out)
+        for j, k in enumerate(self.kernel_sizes):
+            x = Conv(widths[j], widths[j + 1], k, self.dtype, name=f"conv_{j + 1}")(nn.relu(x))
+        return x
+
+
+class Block(nn.Module):
+    """``id_path(x) + post_gain * res_path(x)`` (paper §2.1: "multiplication of the outgoing
+    activations ... by a small constant"); post_gain = 1 / n_layers**2, a constant, no norm."""
+
+    n_in: int
+    n_out: int
+    n_layers: int
+    kernel_sizes: tuple[int, int, int, int]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        post_gain = 1.0 / self.n_layers**2
+        if self.n_in != self.n_out:
+            identity = Conv(self.n_in, self.n_out, 1, self.dtype, name="id_path")(x)
+        else:
+            identity = x.astype(self.dtype)
+        res = ResPath(self.n_in, self.n_out, self.kernel_sizes, self.dtype, name="res_path")(x)
+        return identity + post_gain * res
+
+
+class Group(nn.Module):
+    """``n_blk`` blocks; the first changes width from ``n_in`` to ``n_out``."""
+
+    n_in: int
+    n_out: int
+    n_blk: int
+    n_layers: int
+    kernel_sizes: tuple[int, int, int, int]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.n_blk):
+            n_in = self.n_in if i == 0 else self.n_out
+            x = Block(n_in, self.n_out, self.n_layers, self.kernel_sizes, self.dtype,
+                      name=f"block_{i + 1}")(x)
+        return x
+
+
+# Paper §A.1: encoder blocks are "primarily 3x3"; the release ends the encoder's
+# res_path with a 1x1 and starts the decoder's with one.
+_ENC_KERNELS = (3, 3, 3, 1)
+_DEC_KERNELS = (1, 3, 3, 3)
+
+
+class Encoder(nn.Module):
+    """Image (mapped to [eps, 1-eps]) -> code logits ``(B, G, G, vocab)`` in float32."""
+
+    config: DVAEConfig
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        c = self.config
+        dt = c.compute_dtype
+        # Paper §A.1: "The first convolution of the encoder is 7x7".
+        x = Conv(c.input_channels, c.n_hid, 7, dt, name="input")(x_BHWC)
+        n_in = c.n_hid
+        for g, width in enumerate(c.encoder_widths()):
+            x = Group(n_in, width, c.n_blk_per_group, c.n_layers, _ENC_KERNELS, dt,
+                      name=f"group_{g + 1}")(x)
+            if g < c.group_count - 1:
+                # Paper §A.1: max-pooling gave a better ELB than average-pooling.
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = nn.with_logical_constraint(x, _ACT_AXES)
+            n_in = width
+        # The conv next to the relaxation stays fp32 (release: use_float16=False) and is
+        # 1x1 (paper §2.1: a small receptive field there generalises better to the true ELB).
+        x = nn.relu(x).astype(jnp.float32)
+        logits = Head(n_in, c.vocab_size, jnp.float32, out_axis="codebook", name="output")(x)
+        return nn.with_logical_constraint(logits, _ACT_AXES)
+
+
+class Head(nn.Module):
+    """A 1x1 conv nested as ``<name>/conv``, mirroring the release's ``blocks.output.conv``."""
+
+    n_in: int
+    n_out: int
+    dtype: Any = jnp.float32
+    out_axis: str = "conv_out"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return Conv(self.n_in, self.n_out, 1, self.dtype, out_axis=self.out_axis, name="conv")(x)
+
+
+class Decoder(nn.Module):
+    """Relaxed one-hot ``(B, G, G, vocab)`` or token ids ``(B, G, G)`` -> statistics
+    ``(B, H, W, 2C)``: channels ``[:C]`` are mu, ``[C:]`` are ln b (paper §A.3), float32."""
+
+    config: DVAEConfig
+
+    @nn.compact
+    def __call__(self, z: jax.Array, *, from_tokens: bool = False) -> jax.Array:
+        c = self.config
+        dt = c.compute_dtype
+        # The conv that reads the relaxation stays fp32, as in the release. On token ids it is
+        # an embedding lookup: a 1x1 conv of a one-hot selects one row of the kernel.
+        inp = Conv(c.vocab_size, c.n_init, 1, jnp.float32, in_axis="codebook", name="input")
+        x = inp.lookup(z) if from_tokens else inp(z.astype(jnp.float32))
+        x = nn.with_logical_constraint(x, _ACT_AXES)
+        n_in = c.n_init
+        for g, width in enumerate(c.decoder_widths()):
+            x = Group(n_in, width, c.n_blk_per_group, c.n_layers, _DEC_KERNELS, dt,
+                      name=f"group_{g + 1}")(x)
+            if g < c.group_count - 1:
+                # Paper §A.1: nearest-neighbour upsampling.
+                x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+            x = nn.with_logical_constraint(x, _ACT_AXES)
+            n_in = width
+        stats = Head(n_in, 2 * c.input_channels, dt, name="output")(nn.relu(x))
+        return stats.astype(jnp.float32)
+
+
+class DVAE(nn.Module):
+    """Encoder + decoder under ``encoder/`` and ``decoder/``.
+
+    ``__call__`` (used by ``init``) runs the decoder on softmax(logits) so that both halves
+    get parameters; use the pure functions below for real work.
+    """
+
+    config: DVAEConfig
+
+    def setup(self) -> None:
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = self.encoder(x_BHWC)
+        return logits, self.decoder(jax.nn.softmax(logits, axis=-1))
+
+    def encode_logits(self, x_BHWC: jax.Array) -> jax.Array:
+        return self.encoder(x_BHWC)
+
+    def decode_relaxed(self, z_BGGC: jax.Array) -> jax.Array:
+        return self.decoder(z_BGGC)
+
+    def decode_tokens(self, tokens_BGG: jax.Array) -> jax.Array:
+        return self.decoder(tokens_BGG, from_tokens=True)
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def _as_model(model_or_config: DVAE | DVAEConfig) -> DVAE:
+    if isinstance(model_or_config, DVAE):
+        return model_or_config
+    if isinstance(model_or_config, DVAEConfig):
+        return DVAE(model_or_config)
+    raise TypeError(f"expected a DVAE or DVAEConfig, got {type(model_or_config).__name__}")
+
+
+def init_variables(config: DVAEConfig, rng: jax.Array) -> dict[str, Any]:
+    """``model.init`` output with logical-partitioning boxes (use with `jax.eval_shape`
+    plus `nn.get_partition_spec` to derive shardings)."""
+    x = jnp.zeros((1, config.image_size, config.image_size, config.input_channels), jnp.float32)
+    return DVAE(config).init(rng, x)
+
+
+def init_params(config: DVAEConfig, rng: jax.Array) -> dict[str, Any]:
+    """Fresh float32 parameters (unboxed ``params`` collection)."""
+    return nn.unbox(init_variables(config, rng))["params"]
+
+
+def abstract_params(config: DVAEConfig) -> dict[str, Any]:
+    """Shapes and dtypes of the parameters, allocating nothing."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def param_logical_specs(config: DVAEConfig) -> dict[str, Any]:
+    """Logical axis names (PartitionSpecs of logical names) of every parameter."""
+    boxed = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a (possibly abstract) parameter tree."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def map_pixels(x: jax.Array, eps: float = LOGIT_LAPLACE_EPS) -> jax.Array:
+    """[0, 1] -> [eps, 1 - eps] (paper §A.3 eq. 3, on the [0, 1] scale)."""
+    return (1.0 - 2.0 * eps) * x + eps
+
+
+def unmap_pixels(x: jax.Array, eps: float = LOGIT_LAPLACE_EPS) -> jax.Array:
+    """Inverse of `map_pixels`, clipped to [0, 1]."""
+    return jnp.clip((x - eps) / (1.0 - 2.0 * eps), 0.0, 1.0)
+
+
+def _check_images(images: jax.Array, config: DVAEConfig) -> None:
+    """Trace-time shape/dtype check of an image batch ``(B, H, W, C)``."""
+    shape = tuple(images.shape)
+    want = (config.image_size, config.image_size, config.input_channels)
+    if len(shape) != 4:
+        raise ValueError(f"images must be 4-D (B, H, W, C), got shape {shape}")
+    if shape[1:3] != want[:2]:
+        raise ValueError(
+            f"images are {shape[1]}x{shape[2]} but the dVAE is configured for "
+            f"image_size={config.image_size}"
+        )
+    if shape[3] != want[2]:
+        raise ValueError(
+            f"images have {shape[3]} channels but the dVAE is configured for "
+            f"input_channels={config.input_channels} (layout is NHWC)"
+        )
+    dt = jnp.dtype(images.dtype)
+    if dt != jnp.uint8 and not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"images must be uint8 in [0, 255] or floating in [0, 1], got dtype {dt}")
+
+
+def to_unit_interval(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] or floating [0, 1] -> float32 [0, 1]."""
+    if jnp.dtype(images.dtype) == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- relaxation
+
+
+def gumbel_softmax(logits: jax.Array, rng: jax.Array, tau: float | jax.Array) -> jax.Array:
+    """Soft relaxed sample ``softmax((logits + g) / tau)``, g ~ Gumbel(0, 1), over the last axis.
+
+    Soft in both passes, no straight-through estimator (paper §2.1; author in spec §1.4).
+    """
+    logits = logits.astype(jnp.float32)
+    g = jax.random.gumbel(rng, logits.shape, jnp.float32)
+    return jax.nn.softmax((logits + g) / tau, axis=-1)
+
+
+def kl_to_uniform(logits: jax.Array) -> jax.Array:
+    """KL(softmax(logits) || uniform) per position, over the last axis, in nats.
+
+    Uses the unrelaxed categorical even when tau > 0 (author's answer, spec §1.4).
+    """
+    logits = logits.astype(jnp.float32)
+    log_q = jax.nn.log_softmax(logits, axis=-1)
+    q = jnp.exp(log_q)
+    return jnp.sum(q * log_q, axis=-1) + math.log(logits.shape[-1])
+
+
+def logit_laplace_nll(x_mapped: jax.Array, stats: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-pixel logit-Laplace negative log-density (paper §A.3 eq. 2).
+
+    Args:
+        x_mapped: targets in (0, 1), already mapped by `map_pixels`, shape ``(..., C)``.
+        stats: decoder output ``(..., 2C)``: mu then ln b.
+
+    Returns:
+        ``(nll, nll_param)``: the full ``ln 2 + ln b + ln x + ln(1-x) + |logit x - mu| / b`` and
+        its parameter-dependent part ``ln b + |logit x - mu| / b`` (same gradients).
+        ln b is not clamped: the paper describes no clamp.
+    """
+    c = x_mapped.shape[-1]
+    if stats.shape[-1] != 2 * c:
+        raise ValueError(f"stats have {stats.shape[-1]} channels, expected 2 * {c} (mu, ln b)")
+    x = x_mapped.astype(jnp.float32)
+    mu, ln_b = stats[..., :c].astype(jnp.float32), stats[..., c:].astype(jnp.float32)
+    logit_x = jnp.log(x) - jnp.log1p(-x)
+    nll_param = ln_b + jnp.abs(logit_x - mu) * jnp.exp(-ln_b)
+    nll = nll_param + math.log(2.0) + jnp.log(x) + jnp.log1p(-x)
+    return nll, nll_param
+
+
+# ----------------------------------------------------------------------------- pure API
+
+
+def encode_logits(params: Any, images: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
+    """Encoder logits ``(B, G, G, vocab)`` float32 for uint8 / [0, 1] images ``(B, H, W, C)``."""
+    model = _as_model(model)
+    _check_images(images, model.config)
+    x = map_pixels(to_unit_interval(images))
+    return model.apply({"params": params}, x, method=DVAE.encode_logits)
+
+
+def encode(params: Any, images: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
+    """Token grid ``(B, G, G)`` int32: argmax of the logits, no noise (paper §2.2)."""
+    return jnp.argmax(encode_logits(params, images, model=model), axis=-1).astype(jnp.int32)
+
+
+def _check_tokens(tokens: jax.Array, config: DVAEConfig) -> None:
+    shape = tuple(tokens.shape)
+    g = config.grid
+    if len(shape) != 3 or shape[1:] != (g, g):
+        raise ValueError(f"tokens must have shape (B, {g}, {g}) for this dVAE, got {shape}")
+    if not jnp.issubdtype(jnp.dtype(tokens.dtype), jnp.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+
+
+def decode_tokens(params: Any, tokens_BGG: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
+    """Decoder statistics ``(B, H, W, 2C)`` for a token grid, via a row gather (no one-hot).
+
+    Ids outside [0, vocab) are clamped; `ImageTokenizer.decode` checks them on the host.
+    """
+    model = _as_model(model)
+    _check_tokens(tokens_BGG, model.config)
+    return model.apply({"params": params}, tokens_BGG, method=DVAE.decode_tokens)
+
+
+def decode_relaxed(params: Any, z_BGGC: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
+    """Decoder statistics ``(B, H, W, 2C)`` for a (relaxed) one-hot ``(B, G, G, vocab)``."""
+    model = _as_model(model)
+    c = model.config
+    shape = tuple(z_BGGC.shape)
+    if len(shape) != 4 or shape[1:] != (c.grid, c.grid, c.vocab_size):
+        raise ValueError(
+            f"relaxed codes must have shape (B, {c.grid}, {c.grid}, {c.vocab_size}), got {shape}"
+        )
+    if not jnp.issubdtype(jnp.dtype(z_BGGC.dtype), jnp.floating):
+        raise ValueError(f"relaxed codes must be floating, got dtype {z_BGGC.dtype}")
+    return model.apply({"params": params}, z_BGGC, method=DVAE.decode_relaxed)
+
+
+def stats_to_images(stats: jax.Array) -> jax.Array:
+    """``unmap(sigmoid(mu))`` in [0, 1]; ln b is ignored (paper §A.3)."""
+    c = stats.shape[-1] // 2
+    return unmap_pixels(jax.nn.sigmoid(stats[..., :c].astype(jnp.float32)))
+
+
+def decode(params: Any, tokens_BGG: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
+    """Images ``(B, H, W, C)`` float32 in [0, 1] from a token grid."""
+    return stats_to_images(decode_tokens(params, tokens_BGG, model=model))
+
+
+def dvae_loss(
+    params: Any,
+    images: jax.Array,
+    rng: jax.Array,
+    *,
+    tau: float | jax.Array,
+    beta: float | jax.Array,
+    model: DVAE | DVAEConfig,
+    hard_sample: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The dVAE objective (paper §2.1, §A.2) and its metrics.
+
+    ``loss = mean_B [ sum_pixels nll + beta * sum_positions KL ] / (H * W * C)``; with the
+    paper's sizes the KL weight is beta / 192 (paper §A.2).
+
+    Args:
+        params: the ``params`` collection.
+        images: ``(B, H, W, C)`` uint8 in [0, 255] or floating in [0, 1].
+        rng: key for the Gumbel noise.
+        tau: relaxation temperature.
+        beta: KL weight.
+        model: the `DVAE` (or its config).
+        hard_sample: decode ``one_hot(argmax(logits + g))``, a true sample from q, instead of
+            the relaxation. Gives the *true* (not relaxed) ELB estimate; for evaluation only,
+            since nothing reaches the encoder through the reconstruction term.
+
+    Returns:
+        ``(loss, aux)``. ``aux`` holds batch means of (all in nats unless noted):
+
+        * ``recon_nll``: full logit-Laplace NLL per dimension (in mapped-pixel space);
+        * ``recon_nll_param``: its parameter-dependent part per dimension;
+        * ``kl_per_dim``: sum of KL over positions / (H*W*C); ``kl_per_position``: mean KL;
+        * ``elb_bpd``: negative ELB (beta = 1) in bits per dimension of the 8-bit image:
+          ``(sum nll + D*ln(255/(1-2eps)) + sum KL) / (D ln 2)``, D = H*W*C. The added term
+          turns the density on the mapped scale into a probability of the 8-bit value: the
+          8-bit grid has spacing (1-2eps)/255 after `map_pixels`, and the probability of a
+          value is taken as density * spacing (midpoint rule, not a dequantised bound). It is
+          the relaxed ELB unless ``hard_sample``;
+        * ``mse``, ``psnr`` (dB, per image then averaged) of ``unmap(sigmoid(mu))`` against
+          the [0, 1] image;
+        * ``code_usage``: distinct argmax codes in the batch; ``codes``: the argmax codes
+          ``(B, G, G)`` int32 for longer-run usage statistics.
+    """
+    model = _as_model(model)
+    cfg = model.config
+    _check_images(images, cfg)
+    x01 = to_unit_interval(images)
+    x_mapped = map_pixels(x01)
+    logits = model.apply({"params": params}, x_mapped, method=DVAE.encode_logits)
+    if hard_sample:
+        g = jax.random.gumbel(rng, logits.shape, jnp.float32)
+        sample = jnp.argmax(logits + g, axis=-1)
+        stats = model.apply({"params": params}, sample, method=DVAE.decode_tokens)
+    else:
+        z = gumbel_softmax(logits, rng, tau)
+        stats = model.apply({"params": params}, z, method=DVAE.decode_relaxed)
+
+    dims = cfg.image_size * cfg.image_size * cfg.input_channels
+    nll, nll_param = logit_laplace_nll(x_mapped, stats)
+    nll_sum_B = jnp.sum(nll, axis=(1, 2, 3))
+    kl_BGG = kl_to_uniform(logits)
+    kl_sum_B = jnp.sum(kl_BGG, axis=(1, 2))
+    loss = jnp.mean((nll_sum_B + beta * kl_sum_B) / dims)
+
+    recon = stats_to_images(stats)
+    mse_B = jnp.mean((recon - x01) ** 2, axis=(1, 2, 3))
+    psnr_B = -10.0 * jnp.log10(jnp.maximum(mse_B, 1e-10))
+    discretisation = dims * math.log(255.0 / (1.0 - 2.0 * LOGIT_LAPLACE_EPS))
+    elb_bpd_B = (nll_sum_B + discretisation + kl_sum_B) / (dims * math.log(2.0))
+    codes = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    used = jnp.zeros((cfg.vocab_size,), jnp.int32).at[codes.reshape(-1)].add(1)
+    aux = dict(
+        loss=loss,
+        recon_nll=jnp.mean(nll_sum_B) / dims,
+        recon_nll_param=jnp.mean(jnp.sum(nll_param, axis=(1, 2, 3))) / dims,
+        kl_per_dim=jnp.mean(kl_sum_B) / dims,
+        kl_per_position=jnp.mean(kl_BGG),
+        elb_bpd=jnp.mean(elb_bpd_B),
+        mse=jnp.mean(mse_B),
+        psnr=jnp.mean(psnr_B),
+        code_usage=jnp.sum(used > 0),
+        codes=codes,
+    )
+    return loss, aux
+
+
+# ----------------------------------------------------------------------------- convenience
+
+
+class ImageTokenizer:
+    """Holds a config and parameters; jitted `encode` / `decode` with host-side checks.
+
+    The class adds no state beyond its inputs: both methods call the pure functions above.
+    """
+
+    def __init__(self, config: DVAEConfig, params: Any):
+        self.config = config
+        self.params = params
+        self.model = DVAE(config)
+        self._encode = jax.jit(functools.partial(encode, model=self.model))
+        self._decode = jax.jit(functools.partial(decode, model=self.model))
+
+    @classmethod
+    def load(cls, directory: str, expected_config: DVAEConfig | None = None) -> ImageTokenizer:
+        """Loads parameters written by `openai_import.save_params` (or the dVAE trainer)."""
+        from dalle_jax.tokenizers import openai_import  # local: openai_import imports this module
+
+        config, params = openai_import.load_params(directory, expected_config)
+        return cls(config, params)
+
+    @property
+    def grid(self) -> int:
+        return self.config.grid
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def encode(self, images: Any) -> jax.Array:
+        """``(B, H, W, C)`` uint8 or [0, 1] float images -> ``(B, G, G)`` int32 tokens."""
+        if not hasattr(images, "dtype"):
+            images = np.asarray(images)
+        _check_images(images, self.config)
+        return self._encode(self.params, images)
+
+    def decode(self, tokens: Any) -> jax.Array:
+        """``(B, G, G)`` integer tokens -> ``(B, H, W, C)`` float32 images in [0, 1].
+
+        Raises:
+            ValueError: on a wrong shape, a non-integer dtype or ids outside [0, vocab_size).
+        """
+        if not hasattr(tokens, "dtype"):
+            tokens = np.asarray(tokens)
+        _check_tokens(tokens, self.config)
+        if tokens.size:
+            lo, hi = int(np.min(tokens)), int(np.max(tokens))  # host sync: a value check
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, {self.config.vocab_size}), got min {lo}, max {hi}"
+                )
+        return self._decode(self.params, tokens)

@@ -1,0 +1,1 @@
+"""Training: schedules and optimizers, checkpoints, metrics and the one generic loop."""

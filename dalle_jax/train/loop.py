@@ -1,0 +1,321 @@
+"""The one training loop shared by both stages (the dVAE and the transformer).
+
+A stage supplies a `Task`: how to initialise params, a pure loss, how to turn a host
+batch into arrays, and optional summaries and evaluation. The loop owns everything
+else: the optimizer and EMA, sharded init, the jitted step with donated state,
+metric accumulation on device (no host sync between log steps), checkpoints with the
+data-iterator position, resume, evaluation and progress reporting.
+
+Resume order (big_vision / MaxText): the workdir's latest checkpoint → ``ckpt.resume_from``
+(another run's checkpoint: state and data position) → ``ckpt.init_params`` (a params
+export or checkpoint: params only, fresh optimizer) → scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+
+from dalle_jax import checkpoint as ckpt_lib
+from dalle_jax import metrics as metrics_lib
+from dalle_jax import sharding
+from dalle_jax.train import optim
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    ema_params: PyTree
+
+
+@dataclasses.dataclass
+class Task:
+    """What a stage plugs into the loop.
+
+    Attributes:
+      name: short name ("dvae", "lm"), stored in checkpoints.
+      identity: the model's defining config; a checkpoint whose identity differs is refused.
+      init_variables: ``rng -> {"params": ...}`` with logically partitioned (boxed) leaves.
+      loss_fn: ``(params, batch, rng, step) -> (loss, metrics)``; pure. Metrics are scalars,
+        except names starting with ``hist/`` which are vectors summed over the log window.
+      device_batch: host batch (numpy dict, strings included) -> dict of numeric arrays
+        to transfer; keys must have a leading batch dim.
+      summarize: host-side ``metrics -> metrics`` run at log time (e.g. histograms to usage).
+      evaluate: ``(params, step) -> metrics`` run every ``eval_every`` steps and at the end.
+    """
+
+    name: str
+    identity: dict
+    init_variables: Callable[[jax.Array], PyTree]
+    loss_fn: Callable[..., tuple[jax.Array, dict]]
+    device_batch: Callable[[dict], dict]
+    summarize: Callable[[dict], dict] | None = None
+    evaluate: Callable[[PyTree, int], dict] | None = None
+
+
+class _Stop:
+    """Turns SIGTERM (preemption) into "save a checkpoint and exit" at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if jax.process_count() == 1:
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread
+                self._old = None
+        return self
+
+    def _handle(self, *_):
+        logging.warning("SIGTERM: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _tree_norm(tree: PyTree) -> jax.Array:
+    return optax.tree.norm(tree)
+
+
+def _abstract_state(task: Task, tx, mesh, rules, seed: int):
+    """Shapes + shardings of the train state, computed without allocating anything."""
+
+    def create(rng):
+        variables = task.init_variables(rng)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), ema_params=params)
+
+    rng = jax.random.key(seed)
+    abstract_boxed = jax.eval_shape(create, rng)
+    shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
+
+    def create_unboxed(rng):
+        return nn.meta.unbox(create(rng))
+
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(abstract_boxed), shardings)
+    return abstract, shardings, create_unboxed
+
+
+def param_count(tree: PyTree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def train(
+    cfg,
+    workdir: str,
+    task: Task,
+    make_train_iter: Callable[[], Iterator[dict]],
+    *,
+    stop_at_step: int | None = None,
+) -> TrainState:
+    """Trains ``task`` for ``cfg.total_steps``; returns the final state.
+
+    Args:
+      cfg: the run config (sections ``optim``, ``ckpt``, ``log``, ``mesh``,
+        ``sharding_rules``, plus ``seed``, ``total_steps``, ``eval_every``).
+      workdir: run directory (checkpoints/, metrics.jsonl).
+      task: the stage.
+      make_train_iter: builds the training input pipeline (an iterator with
+        ``get_state``/``set_state``).
+      stop_at_step: stop early (with a checkpoint) once this step is reached; used to
+        simulate interruptions and to split long runs.
+    """
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.get_rules(cfg.sharding_rules)
+    tx, lr_fn = optim.build(cfg.optim)
+    seed = int(cfg.seed)
+    total_steps = int(cfg.total_steps)
+    ema_decay = float(cfg.optim.ema_decay)
+    ema_every = max(1, int(cfg.optim.ema_every))
+    log_every = max(1, int(cfg.log.every_steps))
+    eval_every = int(cfg.get("eval_every", 0))
+    ckpt_every = int(cfg.ckpt.every_steps)
+    logging.info("mesh: %s; rules: %s", sharding.describe(mesh), cfg.sharding_rules)
+
+    abstract, state_sh, create = _abstract_state(task, tx, mesh, rules, seed)
+    meta = {"task": task.name, "identity": task.identity, "seed": seed,
+            "config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)}
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=int(cfg.ckpt.max_to_keep),
+                                 async_save=bool(cfg.ckpt.async_save))
+    train_iter = make_train_iter()
+
+    # ---- init or restore, in the documented order --------------------------------
+    state = None
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state, _ = ckpt.restore(latest, abstract, task.identity)
+        train_iter.set_state(data_state)
+        logging.info("resumed from %s step %d", ckpt.directory, latest)
+    elif cfg.ckpt.resume_from:
+        d, step = ckpt_lib.find_checkpoint(cfg.ckpt.resume_from)
+        other = ckpt_lib.Checkpointer(d, read_only=True, async_save=False)
+        state, data_state, _ = other.restore(step, abstract, task.identity)
+        train_iter.set_state(data_state)
+        logging.info("resumed from %s step %d", d, step)
+    if state is None:
+        state = jax.jit(create, out_shardings=state_sh)(jax.random.key(seed))
+        if cfg.ckpt.init_params:
+            params = _load_init_params(cfg.ckpt.init_params, abstract.params, task.identity)
+            # Separate buffers: the step donates both trees, and one buffer donated twice
+            # would be freed under the other.
+            state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+            logging.info("initialised params from %s", cfg.ckpt.init_params)
+    start_step = int(jax.device_get(state.step))
+    logging.info("params: %s", f"{param_count(state.params):,}")
+
+    # ---- the step ------------------------------------------------------------------
+    base_key = jax.random.key(seed + 1)
+
+    def train_step(state: TrainState, acc: dict, batch: dict):
+        rng = jax.random.fold_in(base_key, state.step)
+        grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        do_ema = (step % ema_every) == 0
+        ema = jax.tree.map(lambda e, p: jnp.where(do_ema, ema_decay * e + (1 - ema_decay) * p, e),
+                           state.ema_params, params)
+        metrics = dict(metrics, loss=loss, grad_norm=_tree_norm(grads),
+                       param_norm=_tree_norm(params), update_norm=_tree_norm(updates),
+                       lr=lr_fn(state.step))
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        acc = jax.tree.map(jnp.add, acc, metrics)
+        return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema), acc
+
+    first = train_iter.__next__()
+    batch_sh = {k: NamedSharding(mesh, sharding.batch_spec(mesh, rules, np.ndim(v)))
+                for k, v in task.device_batch(first).items()}
+
+    def put(host_batch):
+        arrays = task.device_batch(host_batch)
+        return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(v))
+                for k, v in arrays.items()}
+
+    dev_first = put(first)
+    # Metric accumulators: shapes from one abstract evaluation of the step's metrics.
+    metric_shapes = jax.eval_shape(
+        lambda s, b: task.loss_fn(s.params, b, jax.random.key(0), s.step)[1], abstract, dev_first)
+    scalar_names = ("loss", "grad_norm", "param_norm", "update_norm", "lr")
+    zero_acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in metric_shapes.items()}
+    zero_acc.update({k: jnp.zeros((), jnp.float32) for k in scalar_names})
+    rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    zero_acc = jax.device_put(zero_acc, rep)
+
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1),
+                      out_shardings=(state_sh, jax.tree.map(lambda _: rep, zero_acc)))
+    t0 = time.time()
+    compiled = step_fn.lower(state, zero_acc, dev_first).compile()
+    logging.info("step compiled in %.1fs", time.time() - t0)
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            logging.info("step memory: args %.1f MiB, temp %.1f MiB, out %.1f MiB",
+                         mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
+                         mem.output_size_in_bytes / 2**20)
+    except Exception:  # noqa: BLE001  (not every backend reports it)
+        pass
+
+    writer = metrics_lib.MetricWriter(workdir)
+    progress = _progress(total_steps, start_step, bool(cfg.log.progress_bar))
+    acc = jax.tree.map(jnp.copy, zero_acc)
+    window_start, window_t0, window_n = start_step, time.time(), 0
+    step = start_step
+    pending = dev_first
+    batch_size = int(next(iter(dev_first.values())).shape[0])
+    stop_at = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
+
+    def save(step, force=False):
+        ckpt.save(step, state, train_iter.get_state(), meta, force=force)
+
+    with _Stop() as stopper:
+        while step < stop_at:
+            batch = pending if pending is not None else put(next(train_iter))
+            pending = None
+            with jax.transfer_guard("disallow"):
+                state, acc = compiled(state, acc, batch)
+            step += 1
+            window_n += 1
+            if progress is not None:
+                progress.update(1)
+            last = step == stop_at or stopper.requested
+            if step % log_every == 0 or last:
+                host = {k: np.asarray(v) for k, v in jax.device_get(acc).items()}
+                out = _reduce_window(host, window_n, task.summarize)
+                dt = time.time() - window_t0
+                out["perf/steps_per_second"] = window_n / max(dt, 1e-9)
+                out["perf/examples_per_second"] = window_n * batch_size / max(dt, 1e-9)
+                metrics_lib.check_finite(out, (window_start, step))
+                writer.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in out.items()})
+                if progress is not None:
+                    progress.set_postfix(loss=f"{out['loss']:.4f}")
+                acc = jax.tree.map(jnp.copy, zero_acc)
+                window_start, window_t0, window_n = step, time.time(), 0
+            if task.evaluate is not None and eval_every and (step % eval_every == 0 or step == total_steps):
+                eval_params = state.ema_params if ema_decay > 0 else state.params
+                ev = task.evaluate(eval_params, step)
+                writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
+            if (ckpt_every and step % ckpt_every == 0) or last:
+                save(step, force=True)
+            if stopper.requested:
+                break
+    ckpt.close()
+    if progress is not None:
+        progress.close()
+    return state
+
+
+def _reduce_window(host: dict, n: int, summarize) -> dict:
+    out = {}
+    for k, v in host.items():
+        if k.startswith("hist/"):
+            out[k] = v
+        else:
+            out[k] = float(v) / max(n, 1)
+    if summarize is not None:
+        out = summarize(out)
+    return {k: v for k, v in out.items() if not k.startswith("hist/")}
+
+
+def _load_init_params(path: str, abstract_params, identity):
+    """Params from a params export (``--job=export`` makes one from any checkpoint)."""
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        raise ValueError(
+            f"ckpt.init_params={path!r} is not a params export (no meta.json); make one with "
+            "--job=export, or use ckpt.resume_from to continue a run with its optimizer state")
+    params, _ = ckpt_lib.load_params(path, identity=identity, abstract=abstract_params)
+    return params
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+

@@ -1,0 +1,253 @@
+"""Tests of the dVAE model, relaxation and objective (dalle_jax.tokenizers.dvae)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from dalle_jax.tokenizers import dvae
+
+TINY = dvae.DVAEConfig(image_size=16, group_count=3, n_hid=16, n_blk_per_group=2, n_init=8,
+                       vocab_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return dvae.init_params(TINY, jax.random.key(0))
+
+
+def _images(shape, seed=0, dtype=np.uint8):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=shape)
+    return x.astype(np.uint8) if dtype == np.uint8 else (x / 255.0).astype(dtype)
+
+
+def test_paper_param_counts_without_allocation():
+    abstract = dvae.abstract_params(dvae.DVAEConfig())
+    assert dvae.count_params(abstract["encoder"]) == 53_786_240
+    assert dvae.count_params(abstract["decoder"]) == 43_829_766
+    assert len(jax.tree.leaves(abstract["encoder"])) == 74
+    assert len(jax.tree.leaves(abstract["decoder"])) == 76
+    flat = traverse_util.flatten_dict(abstract, sep="/")
+    assert flat["encoder/input/kernel"].shape == (7, 7, 3, 256)
+    assert flat["encoder/group_2/block_1/id_path/kernel"].shape == (1, 1, 256, 512)
+    assert "encoder/group_1/block_1/id_path/kernel" not in flat
+    assert flat["encoder/group_4/block_2/res_path/conv_4/kernel"].shape == (1, 1, 512, 2048)
+    assert flat["encoder/output/conv/kernel"].shape == (1, 1, 2048, 8192)
+    assert flat["decoder/input/kernel"].shape == (1, 1, 8192, 128)
+    assert flat["decoder/group_1/block_1/res_path/conv_1/kernel"].shape == (1, 1, 128, 512)
+    assert flat["decoder/group_4/block_2/res_path/conv_4/kernel"].shape == (3, 3, 64, 256)
+    assert flat["decoder/output/conv/kernel"].shape == (1, 1, 256, 6)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract))
+
+
+def test_config_validation_and_dict_round_trip():
+    c = dvae.DVAEConfig(image_size=64, group_count=3, n_hid=16, vocab_size=64, dtype="bfloat16")
+    assert c.grid == 16 and c.tokens_per_image == 256
+    assert c.encoder_widths() == (16, 32, 64) and c.decoder_widths() == (64, 32, 16)
+    assert dvae.DVAEConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown DVAEConfig keys.*'n_hidden'"):
+        dvae.DVAEConfig.from_dict({"n_hidden": 3})
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*\\(group_count-1\\)=8"):
+        dvae.DVAEConfig(image_size=36)
+    with pytest.raises(ValueError, match="group_count must be >= 1"):
+        dvae.DVAEConfig(group_count=0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        dvae.DVAEConfig(n_hid=18)
+    with pytest.raises(ValueError, match="dtype"):
+        dvae.DVAEConfig(dtype="float64")
+    with pytest.raises(ValueError, match="vocab_size must be an int"):
+        dvae.DVAEConfig(vocab_size=8192.0)
+
+
+def test_tiny_forward_shapes_and_finiteness(tiny_params):
+    images = _images((2, 16, 16, 3))
+    logits = dvae.encode_logits(tiny_params, images, model=TINY)
+    assert logits.shape == (2, 4, 4, 32) and logits.dtype == jnp.float32
+    tokens = dvae.encode(tiny_params, images, model=TINY)
+    assert tokens.shape == (2, 4, 4) and tokens.dtype == jnp.int32
+    np.testing.assert_array_equal(tokens, jnp.argmax(logits, -1))
+    stats = dvae.decode_tokens(tiny_params, tokens, model=TINY)
+    assert stats.shape == (2, 16, 16, 6) and stats.dtype == jnp.float32
+    out = dvae.decode(tiny_params, tokens, model=TINY)
+    assert out.shape == (2, 16, 16, 3)
+    assert bool(jnp.all(jnp.isfinite(logits))) and bool(jnp.all(jnp.isfinite(stats)))
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    # uint8 and [0, 1] float inputs mean the same image.
+    np.testing.assert_allclose(
+        dvae.encode_logits(tiny_params, images.astype(np.float32) / 255.0, model=TINY),
+        logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_fp32_ends(tiny_params):
+    cfg = dvae.DVAEConfig(**{**TINY.to_dict(), "dtype": "bfloat16"})
+    images = _images((1, 16, 16, 3))
+    logits = dvae.encode_logits(tiny_params, images, model=cfg)
+    ref = dvae.encode_logits(tiny_params, images, model=TINY)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, ref, atol=0.1 * float(jnp.abs(ref).max()) + 1e-3)
+
+
+def test_every_kernel_has_logical_axes():
+    specs = traverse_util.flatten_dict(dvae.param_logical_specs(TINY), sep="/")
+    assert specs, "no parameters"
+    for name, spec in specs.items():
+        if name.endswith("kernel"):
+            assert spec[:2] == ("conv_window", "conv_window"), name
+            assert len(spec) == 4, name
+        else:
+            assert len(spec) == 1, name
+    assert tuple(specs["encoder/output/conv/kernel"]) == (
+        "conv_window", "conv_window", "conv_in", "codebook")
+    assert tuple(specs["decoder/input/kernel"]) == (
+        "conv_window", "conv_window", "codebook", "conv_out")
+    assert tuple(specs["encoder/group_1/block_1/res_path/conv_2/kernel"]) == (
+        "conv_window", "conv_window", "conv_in", "conv_out")
+    assert tuple(specs["encoder/input/bias"]) == ("conv_out",)
+    # Every name is in the project's vocabulary (sharding.py raises on unknown names).
+    from dalle_jax import sharding
+    for spec in specs.values():
+        assert set(spec) <= set(sharding.LOGICAL_AXES)
+
+
+def test_init_scale_matches_release(tiny_params):
+    flat = traverse_util.flatten_dict(tiny_params, sep="/")
+    k = flat["encoder/input/kernel"]  # (7, 7, 3, 16)
+    assert abs(float(jnp.std(k)) - 1 / math.sqrt(3 * 49)) < 0.02
+    assert all(float(jnp.abs(v).max()) == 0.0 for n, v in flat.items() if n.endswith("bias"))
+
+
+def test_decode_tokens_equals_decode_relaxed_one_hot(tiny_params):
+    # Non-zero input bias so the gather path's bias handling is exercised.
+    params = jax.tree.map(lambda x: x, tiny_params)
+    params["decoder"]["input"]["bias"] = jnp.linspace(-1.0, 1.0, TINY.n_init)
+    tokens = jax.random.randint(jax.random.key(1), (2, 4, 4), 0, TINY.vocab_size)
+    a = dvae.decode_tokens(params, tokens, model=TINY)
+    b = dvae.decode_relaxed(params, jax.nn.one_hot(tokens, TINY.vocab_size), model=TINY)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_to_uniform():
+    v = 32
+    np.testing.assert_allclose(dvae.kl_to_uniform(jnp.zeros((3, v))), 0.0, atol=1e-6)
+    peaked = jnp.zeros((v,)).at[5].set(100.0)
+    np.testing.assert_allclose(dvae.kl_to_uniform(peaked), math.log(v), rtol=1e-5)
+    logits = jax.random.normal(jax.random.key(0), (4, v))
+    q = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+    direct = np.sum(q * np.log(q * v), -1)
+    np.testing.assert_allclose(dvae.kl_to_uniform(logits), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_gumbel_softmax():
+    logits = jax.random.normal(jax.random.key(0), (5, 7, 32)) * 3
+    rng = jax.random.key(1)
+    soft = dvae.gumbel_softmax(logits, rng, 1.0)
+    np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-5)
+    assert bool(jnp.all(soft >= 0))
+    cold = dvae.gumbel_softmax(logits, rng, 1e-3)
+    np.testing.assert_array_equal(jnp.argmax(cold, -1), jnp.argmax(soft, -1))
+    assert float(jnp.min(jnp.max(cold, -1))) > 0.99
+    # Noise really is there: samples differ from the plain argmax somewhere.
+    assert bool(jnp.any(jnp.argmax(cold, -1) != jnp.argmax(logits, -1)))
+
+
+def test_map_unmap_round_trip():
+    x = jnp.linspace(0.0, 1.0, 11)
+    y = dvae.map_pixels(x)
+    np.testing.assert_allclose([float(y.min()), float(y.max())], [0.1, 0.9], atol=1e-7)
+    np.testing.assert_allclose(dvae.unmap_pixels(y), x, atol=1e-6)
+    np.testing.assert_array_equal(dvae.unmap_pixels(jnp.array([0.0, 1.0])), [0.0, 1.0])
+
+
+def test_logit_laplace_nll_matches_density():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.1, 0.9, size=(4, 3))
+    mu = rng.normal(size=(4, 3))
+    ln_b = rng.normal(scale=0.5, size=(4, 3))
+    nll, nll_param = dvae.logit_laplace_nll(jnp.asarray(x, jnp.float32),
+                                            jnp.asarray(np.concatenate([mu, ln_b], -1), jnp.float32))
+    b = np.exp(ln_b)
+    density = 1.0 / (2 * b * x * (1 - x)) * np.exp(-np.abs(np.log(x / (1 - x)) - mu) / b)
+    np.testing.assert_allclose(nll, -np.log(density), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nll - nll_param, np.log(2) + np.log(x) + np.log(1 - x),
+                               rtol=1e-5, atol=1e-5)
+    # The density integrates to one over (0, 1) (checks the formula, not the code).
+    grid = np.linspace(1e-6, 1 - 1e-6, 200001)
+    f = 1 / (2 * 0.3 * grid * (1 - grid)) * np.exp(-np.abs(np.log(grid / (1 - grid)) - 0.2) / 0.3)
+    assert abs(np.trapezoid(f, grid) - 1.0) < 1e-3
+
+
+def test_dvae_loss_and_gradients(tiny_params):
+    images = _images((2, 16, 16, 3), seed=3)
+    rng = jax.random.key(2)
+    loss_fn = jax.jit(lambda p, x, r: dvae.dvae_loss(p, x, r, tau=1.0, beta=6.6, model=TINY))
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tiny_params, images, rng)
+    d = 16 * 16 * 3
+    np.testing.assert_allclose(loss, aux["recon_nll"] + 6.6 * aux["kl_per_dim"], rtol=1e-5)
+    np.testing.assert_allclose(aux["kl_per_dim"] * d, aux["kl_per_position"] * 16, rtol=1e-5)
+    expected_bpd = (aux["recon_nll"] + math.log(255 / 0.8) + aux["kl_per_dim"]) / math.log(2)
+    np.testing.assert_allclose(aux["elb_bpd"], expected_bpd, rtol=1e-5)
+    assert aux["codes"].shape == (2, 4, 4) and aux["codes"].dtype == jnp.int32
+    assert 1 <= int(aux["code_usage"]) <= 32
+    np.testing.assert_allclose(aux["psnr"], -10 * np.log10(float(aux["mse"])), rtol=0.05)
+    for v in (loss, *[aux[k] for k in ("recon_nll", "recon_nll_param", "elb_bpd", "mse")]):
+        assert bool(jnp.isfinite(v))
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    flat = traverse_util.flatten_dict(grads, sep="/")
+    # Gradient reaches the encoder through the relaxation and the KL.
+    assert float(jnp.abs(flat["encoder/input/kernel"]).max()) > 0
+    assert float(jnp.abs(flat["decoder/input/kernel"]).max()) > 0
+    # The true-ELB path (a hard sample) also runs.
+    _, hard = dvae.dvae_loss(tiny_params, images, rng, tau=1.0, beta=1.0, model=TINY,
+                             hard_sample=True)
+    assert bool(jnp.isfinite(hard["elb_bpd"]))
+
+
+def test_bad_inputs(tiny_params):
+    with pytest.raises(ValueError, match="images are 32x32 .*image_size=16"):
+        dvae.encode(tiny_params, _images((1, 32, 32, 3)), model=TINY)
+    with pytest.raises(ValueError, match="1 channels .*input_channels=3"):
+        dvae.encode(tiny_params, _images((1, 16, 16, 1)), model=TINY)
+    with pytest.raises(ValueError, match="4-D"):
+        dvae.encode(tiny_params, _images((16, 16, 3)), model=TINY)
+    with pytest.raises(ValueError, match="dtype int32"):
+        dvae.encode(tiny_params, _images((1, 16, 16, 3)).astype(np.int32), model=TINY)
+    with pytest.raises(ValueError, match=r"\(B, 4, 4\)"):
+        dvae.decode(tiny_params, jnp.zeros((1, 8, 8), jnp.int32), model=TINY)
+    with pytest.raises(ValueError, match="integers"):
+        dvae.decode(tiny_params, jnp.zeros((1, 4, 4), jnp.float32), model=TINY)
+    with pytest.raises(ValueError, match=r"\(B, 4, 4, 32\)"):
+        dvae.decode_relaxed(tiny_params, jnp.zeros((1, 4, 4, 16)), model=TINY)
+    tok = dvae.ImageTokenizer(TINY, tiny_params)
+    with pytest.raises(ValueError, match=r"\[0, 32\), got min 0, max 32"):
+        tok.decode(np.full((1, 4, 4), 32))
+    with pytest.raises(ValueError, match="got min -1"):
+        tok.decode(np.full((1, 4, 4), -1))
+    with pytest.raises(ValueError, match="image_size=16"):
+        tok.encode(np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def test_image_tokenizer_round_trip(tiny_params):
+    tok = dvae.ImageTokenizer(TINY, tiny_params)
+    images = _images((3, 16, 16, 3), seed=5)
+    tokens = tok.encode(images)
+    np.testing.assert_array_equal(tokens, dvae.encode(tiny_params, images, model=TINY))
+    out = tok.decode(np.asarray(tokens))
+    np.testing.assert_allclose(out, dvae.decode(tiny_params, tokens, model=TINY), atol=1e-6)
+    assert tok.grid == 4 and tok.vocab_size == 32
+
+
+def test_logical_constraints_under_mesh(tiny_params):
+    # Activations carry ("batch", "height", "width") constraints; they must resolve
+    # under the project's rules on the 8 fake devices.
+    from dalle_jax import sharding
+    mesh = sharding.make_mesh({"data": -1})
+    images = _images((8, 16, 16, 3))
+    with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(sharding.get_rules("fsdp")):
+        tokens = jax.jit(lambda p, x: dvae.encode(p, x, model=TINY))(tiny_params, images)
+    np.testing.assert_array_equal(tokens, dvae.encode(tiny_params, images, model=TINY))
