@@ -1,4 +1,4 @@
-"""Tests for dalle_jax.data.pipeline: sharding, shuffling, augmentation seeding, state, global arrays."""
+"""Tests for dalle_jax.data.pipeline: sharding, shuffling, seeding, state and global arrays."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dalle_jax.data import augment
 from dalle_jax.data import pipeline as pl
 
 IMAGE_SIZE = 16
@@ -108,7 +109,8 @@ def test_unshuffled_order_and_finite_epochs_keep_remainder():
     assert order == list(range(20)) * 2
     assert [b["image"].shape[0] for b in batches] == [8, 8, 8, 8, 8]
     cfg = _cfg(shuffle=False, num_epochs=1, drop_remainder=False, global_batch_size=8)
-    sizes = [b["image"].shape[0] for b in pl.make_pipeline(_source(), cfg, shard_options=grain.sharding.NoSharding())]
+    pipeline = pl.make_pipeline(_source(), cfg, shard_options=grain.sharding.NoSharding())
+    sizes = [b["image"].shape[0] for b in pipeline]
     assert sizes == [8, 8, 4]
 
 
@@ -117,6 +119,11 @@ def test_same_seed_same_batches_other_seed_differs():
     a = _take(pl.make_pipeline(_source(), _cfg(seed=3), shard_options=no_shard), 6)
     b = _take(pl.make_pipeline(_source(), _cfg(seed=3), shard_options=no_shard), 6)
     _assert_batches_equal(a, b)
+    # Reader threads build batches ahead of time but do not reorder them.
+    with pl.make_pipeline(
+        _source(), _cfg(seed=3, read_threads=2, prefetch_batches=3), shard_options=no_shard
+    ) as threaded:
+        _assert_batches_equal(_take(threaded, 6), a)
     c = _take(pl.make_pipeline(_source(), _cfg(seed=4), shard_options=no_shard), 6)
     assert [list(x["index"]) for x in a] != [list(x["index"]) for x in c]
     # Even in the same order, another seed augments differently.
@@ -139,8 +146,10 @@ def test_augmentation_depends_only_on_seed_epoch_and_record():
     sharded = {}
     for shard_index in range(2):
         shard = grain.sharding.ShardOptions(shard_index, 2, drop_remainder=True)
-        sharded.update(_images_by_index(_take(pl.make_pipeline(_source(), _cfg(), shard_options=shard), 5)))
-    for other in [_images_by_index(_take(bigger, 2)), _images_by_index(_take(unshuffled, 5)), sharded]:
+        pipeline = pl.make_pipeline(_source(), _cfg(), shard_options=shard)
+        sharded.update(_images_by_index(_take(pipeline, 5)))
+    others = [_images_by_index(_take(bigger, 2)), _images_by_index(_take(unshuffled, 5)), sharded]
+    for other in others:
         assert other.keys() == reference.keys()
         for index, image in reference.items():
             np.testing.assert_array_equal(other[index], image)
@@ -189,8 +198,21 @@ def test_state_mismatch_raises():
         other.set_state(state)
     shard = grain.sharding.ShardOptions(1, 2, drop_remainder=True)
     other = pl.make_pipeline(_source(), _cfg(), shard_options=shard)
-    with pytest.raises(ValueError, match="shard"):
+    with pytest.raises(ValueError, match="shard_count"):
         other.set_state(state)
+
+
+def test_one_process_state_restores_every_process():
+    # Checkpoints keep one copy of the state; process 1 must resume from process 0's.
+    shards = [grain.sharding.ShardOptions(i, 2, drop_remainder=True) for i in range(2)]
+    first = pl.make_pipeline(_source(), _cfg(), shard_options=shards[0])
+    _take(first, 4)
+    state = json.loads(json.dumps(first.get_state()))
+    second = pl.make_pipeline(_source(), _cfg(), shard_options=shards[1])
+    expected = _take(second, 7)[4:]
+    restored = pl.make_pipeline(_source(), _cfg(), shard_options=shards[1])
+    restored.set_state(state)
+    _assert_batches_equal(_take(restored, 3), expected)
 
 
 def test_bad_settings_raise():
@@ -232,7 +254,8 @@ def test_to_global_on_eight_devices():
     np.testing.assert_array_equal(out["caption"], batch["caption"])
     for key in ["image", "index", "score"]:
         assert isinstance(out[key], jax.Array)
-        assert out[key].shape == batch[key].shape and out[key].dtype == batch[key].dtype
+        assert out[key].shape == batch[key].shape
+        assert out[key].dtype == jax.dtypes.canonicalize_dtype(batch[key].dtype)
         assert out[key].sharding == NamedSharding(mesh, P(("data", "fsdp")))
         np.testing.assert_array_equal(np.asarray(out[key]), batch[key])
     assert len(out["image"].addressable_shards) == 8
@@ -279,15 +302,24 @@ def test_tfds_array_record_source(tmp_path):
     source = builder.as_data_source()["train"]
     assert len(source) == 12
 
+    by_id = {int(source[i]["id"]): source[i] for i in range(len(source))}
+    assert sorted(by_id) == list(range(12))
+
     cfg = _cfg(num_epochs=1, augment="none")
-    shard = grain.sharding.ShardOptions(1, 2, drop_remainder=True)
-    batches = list(pl.make_pipeline(source, cfg, shard_options=shard))
-    assert len(batches) == 3
-    ids = sorted(int(i) for b in batches for i in b["id"])
-    assert ids == list(range(6, 12))
-    for batch in batches:
-        assert batch["image"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
-        assert [c for c in batch["caption"]] == [f"picture {i}" for i in batch["id"]]
+    seen = []
+    for shard_index in range(2):
+        shard = grain.sharding.ShardOptions(shard_index, 2, drop_remainder=True)
+        batches = list(pl.make_pipeline(source, cfg, shard_options=shard))
+        assert len(batches) == 3
+        for batch in batches:
+            assert batch["image"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+            assert batch["image"].dtype == np.uint8
+            assert list(batch["caption"]) == [f"picture {i}" for i in batch["id"]]
+            for i, image in zip(batch["id"], batch["image"]):
+                expected = augment.center_crop_resize(by_id[int(i)]["image"], None, IMAGE_SIZE)
+                np.testing.assert_array_equal(image, expected)
+        seen.append({int(i) for b in batches for i in b["id"]})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(12))
 
 
 @pytest.mark.slow

@@ -1,8 +1,7 @@
 """Image augmentations for dVAE and transformer training, in pure NumPy.
 
-The two random augmentations follow the paper's listings (DALL·E 1, App. A.2 Listing 1
-for the dVAE and App. B.2 Listing 2 for the transformer), parameterised by the target
-resolution instead of a fixed 256. A deterministic centre-crop transform serves
+The two random augmentations follow the DALL·E 1 paper's Listing 1 (dVAE) and Listing 2
+(transformer), parameterised by the target resolution instead of a fixed 256. A deterministic centre-crop transform serves
 validation and sampling.
 
 Every function takes a uint8 ``(H, W, 3)`` image and an explicit

@@ -43,10 +43,11 @@ Batch = dict[str, Any]
 _STATE_VERSION = 1
 # Fields of the state that must match the pipeline a state is restored into: with any
 # of them different, "the next batch" would not be the batch the saved run would have
-# seen. worker_count is deliberately absent because it does not change the output.
+# seen. worker_count is absent because it does not change the output, and shard_index
+# because all processes advance in lock step: one process's state (what a checkpoint
+# keeps) is valid on every process.
 _STATE_FINGERPRINT = (
     "num_records",
-    "shard_index",
     "shard_count",
     "shard_drop_remainder",
     "global_batch_size",
@@ -96,7 +97,9 @@ class PipelineConfig:
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"unknown augment {self.augment!r}; choose from {sorted(AUGMENTATIONS)}")
+            raise ValueError(
+                f"unknown augment {self.augment!r}; choose from {sorted(AUGMENTATIONS)}"
+            )
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.num_epochs is not None and self.num_epochs <= 0:
@@ -216,7 +219,6 @@ class Pipeline:
         )
         self._fingerprint = {
             "num_records": num_records,
-            "shard_index": shard_options.shard_index,
             "shard_count": shard_options.shard_count,
             "shard_drop_remainder": bool(shard_options.drop_remainder),
             "global_batch_size": cfg.global_batch_size,
@@ -269,13 +271,18 @@ class Pipeline:
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        """Returns a JSON-serialisable dict: the next batch's position and the settings."""
+        """Returns a JSON-serialisable dict: the next batch's position and the settings.
+
+        The dict is the same on every process of a run, so saving one process's copy
+        is enough.
+        """
         return {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._fingerprint}
 
     def set_state(self, state: Mapping[str, Any] | str | bytes) -> None:
         """Restores a ``get_state`` result (dict, or its JSON as str/bytes).
 
-        The next batch is then the one an uninterrupted iterator would have returned.
+        The next batch is then the one an uninterrupted iterator would have returned
+        (for this process's shard, whichever process saved the state).
 
         Raises:
             ValueError: the state comes from a pipeline with different data, sharding,
@@ -291,7 +298,9 @@ class Pipeline:
             if state.get(key) != self._fingerprint[key]
         }
         if mismatched:
-            raise ValueError(f"pipeline state does not match this pipeline (saved, current): {mismatched}")
+            raise ValueError(
+                f"pipeline state does not match this pipeline (saved, current): {mismatched}"
+            )
         self.close()
         self._next_batch = int(state["next_batch"])
 
@@ -322,8 +331,9 @@ def make_pipeline(
         source: random-access source; ``source[i]`` is a dict with a uint8 ``image``.
         cfg: pipeline settings.
         shard_options: which shard this process reads; defaults to
-            ``grain.sharding.ShardByJaxProcess(drop_remainder=True)``. Tests pass
-            explicit ``ShardOptions(i, n)`` to act as process ``i`` of ``n``.
+            ``grain.sharding.ShardByJaxProcess(drop_remainder=True)``, which reads the
+            process index, so call this after ``jax.distributed.initialize``. Tests
+            pass explicit ``ShardOptions(i, n)`` to act as process ``i`` of ``n``.
 
     Returns:
         A ``Pipeline`` yielding batches of ``cfg.global_batch_size // shard_count``.
@@ -349,7 +359,9 @@ def batch_sharding(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedS
     """
     present = tuple(axis for axis in axes if axis in mesh.axis_names)
     if not present:
-        raise ValueError(f"none of the batch axes {tuple(axes)} is in the mesh axes {mesh.axis_names}")
+        raise ValueError(
+            f"none of the batch axes {tuple(axes)} is in the mesh axes {mesh.axis_names}"
+        )
     return NamedSharding(mesh, P(present))
 
 
@@ -359,14 +371,18 @@ def to_global(batch: Mapping[str, Any], sharding: jax.sharding.Sharding) -> Batc
     Numeric arrays are combined with ``jax.make_array_from_process_local_data``: the
     global leading axis is the concatenation of all processes' local batches. String
     fields (object/str/bytes dtypes) cannot live on devices and stay host-local numpy.
+    64-bit fields become 32-bit unless ``jax_enable_x64`` is set, as jax does for any
+    host value.
     """
     out: Batch = {}
     for key, value in batch.items():
         value = np.asarray(value)
         if value.dtype.kind in "OSU":
             out[key] = value
-        else:
-            out[key] = jax.make_array_from_process_local_data(sharding, value)
+            continue
+        # Cast on the host: it is explicit, and the device copy is no larger than needed.
+        value = value.astype(jax.dtypes.canonicalize_dtype(value.dtype), copy=False)
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
 
 
