@@ -23,6 +23,10 @@ Parameter tree (the ``params`` collection, without the ``{"params": ...}`` wrapp
 which is OpenAI's state-dict name ``blocks.<path>.{w,b}`` with ``.`` -> ``/``,
 ``w`` -> ``kernel`` (OIHW -> HWIO) and ``b`` -> ``bias``. Groups and blocks count from 1
 as in the release. Kernels are ``(kh, kw, in, out)``.
+
+Widths: encoder group g (1-based) is ``n_hid * 2**(g-1)`` wide and the decoder's groups
+are the same widths reversed. With group_count = 4 this is the release's 1, 2, 4, 8 x n_hid;
+other group counts follow the same doubling rule.
 """
 
 from __future__ import annotations
@@ -156,6 +160,8 @@ class Conv(nn.Module):
     """Stride-1 SAME convolution with OpenAI's init: w ~ N(0, 1/sqrt(n_in * k**2)), b = 0.
 
     Parameters are float32; the input and parameters are cast to ``dtype`` for the compute.
+    ``precision`` is passed to XLA (HIGHEST makes a float32 conv really fp32 on TPU/GPU,
+    where the default uses bf16 / TF32 passes).
     """
 
     in_features: int
@@ -164,6 +170,7 @@ class Conv(nn.Module):
     dtype: Any = jnp.float32
     in_axis: str = "conv_in"
     out_axis: str = "conv_out"
+    precision: Any = None
 
     def setup(self) -> None:
         k = self.kernel_size
@@ -191,6 +198,7 @@ class Conv(nn.Module):
             window_strides=(1, 1),
             padding="SAME",  # == PyTorch padding (k-1)//2 for odd k at stride 1
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=self.precision,
         )
         return y + self.bias.astype(self.dtype)
 
@@ -292,7 +300,8 @@ class Encoder(nn.Module):
         # The conv next to the relaxation stays fp32 (release: use_float16=False) and is
         # 1x1 (paper §2.1: a small receptive field there generalises better to the true ELB).
         x = nn.relu(x).astype(jnp.float32)
-        logits = Head(n_in, c.vocab_size, jnp.float32, out_axis="codebook", name="output")(x)
+        logits = Head(n_in, c.vocab_size, jnp.float32, out_axis="codebook",
+                      precision=jax.lax.Precision.HIGHEST, name="output")(x)
         return nn.with_logical_constraint(logits, _ACT_AXES)
 
 
@@ -303,10 +312,12 @@ class Head(nn.Module):
     n_out: int
     dtype: Any = jnp.float32
     out_axis: str = "conv_out"
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return Conv(self.n_in, self.n_out, 1, self.dtype, out_axis=self.out_axis, name="conv")(x)
+        return Conv(self.n_in, self.n_out, 1, self.dtype, out_axis=self.out_axis,
+                    precision=self.precision, name="conv")(x)
 
 
 class Decoder(nn.Module):
@@ -321,7 +332,8 @@ class Decoder(nn.Module):
         dt = c.compute_dtype
         # The conv that reads the relaxation stays fp32, as in the release. On token ids it is
         # an embedding lookup: a 1x1 conv of a one-hot selects one row of the kernel.
-        inp = Conv(c.vocab_size, c.n_init, 1, jnp.float32, in_axis="codebook", name="input")
+        inp = Conv(c.vocab_size, c.n_init, 1, jnp.float32, in_axis="codebook",
+                   precision=jax.lax.Precision.HIGHEST, name="input")
         x = inp.lookup(z) if from_tokens else inp(z.astype(jnp.float32))
         x = nn.with_logical_constraint(x, _ACT_AXES)
         n_in = c.n_init
@@ -375,27 +387,55 @@ def _as_model(model_or_config: DVAE | DVAEConfig) -> DVAE:
     raise TypeError(f"expected a DVAE or DVAEConfig, got {type(model_or_config).__name__}")
 
 
-def init_variables(config: DVAEConfig, rng: jax.Array) -> dict[str, Any]:
-    """``model.init`` output with logical-partitioning boxes (use with `jax.eval_shape`
-    plus `nn.get_partition_spec` to derive shardings)."""
-    x = jnp.zeros((1, config.image_size, config.image_size, config.input_channels), jnp.float32)
-    return DVAE(config).init(rng, x)
-
-
-def init_params(config: DVAEConfig, rng: jax.Array) -> dict[str, Any]:
-    """Fresh float32 parameters (unboxed ``params`` collection)."""
-    return nn.unbox(init_variables(config, rng))["params"]
+def _abstract_variables(config: DVAEConfig) -> dict[str, Any]:
+    """``DVAE.init`` under `jax.eval_shape`: shapes plus logical-axis boxes, no allocation."""
+    x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.input_channels),
+                             jnp.float32)
+    return jax.eval_shape(lambda k, x: DVAE(config).init(k, x), jax.random.key(0), x)
 
 
 def abstract_params(config: DVAEConfig) -> dict[str, Any]:
-    """Shapes and dtypes of the parameters, allocating nothing."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    """Shapes and dtypes of the parameters (unboxed), allocating nothing."""
+    return nn.unbox(_abstract_variables(config))["params"]
+
+
+def init_params(config: DVAEConfig, rng: jax.Array) -> dict[str, Any]:
+    """Fresh float32 parameters (unboxed ``params`` collection); jittable.
+
+    Same distribution as the modules' own initialisers (kernels N(0, 1/sqrt(kh*kw*n_in)),
+    biases 0) but every kernel is cut from one normal draw: XLA on CPU compiles each PRNG
+    call separately, and ~100 of them (one per kernel, as ``DVAE.init`` does) take tens of
+    seconds to compile on a small machine.
+    """
+    abstract = abstract_params(config)
+    leaves, treedef = jax.tree.flatten(abstract)
+    sizes = [math.prod(x.shape) if len(x.shape) == 4 else 0 for x in leaves]
+    noise = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+    out, offset = [], 0
+    for x, n in zip(leaves, sizes):
+        if n:  # kernel (kh, kw, in, out)
+            kh, kw, n_in, _ = x.shape
+            std = 1.0 / math.sqrt(n_in * kh * kw)
+            out.append(noise[offset:offset + n].reshape(x.shape) * std)
+            offset += n
+        else:  # bias
+            out.append(jnp.zeros(x.shape, jnp.float32))
+    return jax.tree.unflatten(treedef, out)
+
+
+def init_variables(config: DVAEConfig, rng: jax.Array) -> dict[str, Any]:
+    """``{"params": ...}`` like ``DVAE(config).init`` (leaves boxed with their logical axes,
+    for `nn.get_partition_spec`), with the values of `init_params`."""
+    boxed = _abstract_variables(config)["params"]
+    values = init_params(config, rng)
+    is_box = lambda b: isinstance(b, nn.meta.AxisMetadata)  # noqa: E731
+    return {"params": jax.tree.map(lambda b, v: b.replace_boxed(v), boxed, values,
+                                   is_leaf=is_box)}
 
 
 def param_logical_specs(config: DVAEConfig) -> dict[str, Any]:
     """Logical axis names (PartitionSpecs of logical names) of every parameter."""
-    boxed = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
-    return nn.get_partition_spec(boxed)["params"]
+    return nn.get_partition_spec(_abstract_variables(config))["params"]
 
 
 def count_params(tree: Any) -> int:
@@ -564,7 +604,9 @@ def dvae_loss(
     """The dVAE objective (paper §2.1, §A.2) and its metrics.
 
     ``loss = mean_B [ sum_pixels nll + beta * sum_positions KL ] / (H * W * C)``; with the
-    paper's sizes the KL weight is beta / 192 (paper §A.2).
+    paper's sizes the KL weight is beta / 192 (paper §A.2). ``nll`` is the full negative
+    log-density (paper §A.3: "the logarithm of the RHS of Equation 2"); its constant terms
+    do not change the gradients.
 
     Args:
         params: the ``params`` collection.
