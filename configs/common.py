@@ -86,3 +86,26 @@ def checkpointing(every: int = 1000, keep: int = 3) -> mlc.ConfigDict:
 
 def logging(every: int = 50) -> mlc.ConfigDict:
     return mlc.ConfigDict(dict(every_steps=every, progress_bar=True))
+
+
+def dvae_paper_schedules() -> mlc.ConfigDict:
+    """The paper's dVAE loss schedules (App. A.2), all cosine, then held.
+
+    KL weight β: 0 → 6.6 over 5k updates. Temperature τ: 1 → 1/16 over 150k updates.
+    """
+    return mlc.ConfigDict(dict(
+        beta=dict(kind="cosine", start_value=0.0, end_value=6.6, steps=5_000, warmup=0,
+                  shape="half"),
+        tau=dict(kind="cosine", start_value=1.0, end_value=1.0 / 16, steps=150_000, warmup=0,
+                 shape="half"),
+    ))
+
+
+def dvae_optim() -> mlc.ConfigDict:
+    """AdamW(0.9, 0.999, 1e-8, wd 1e-4), lr 1e-4 → 1.25e-6 (cosine over 1.2M updates) and
+    a parameter EMA with decay 0.999 every step (App. A.2)."""
+    lr = dict(kind="cosine", start_value=1e-4, end_value=1.25e-6, steps=1_200_000, warmup=0,
+              shape="half")
+    return mlc.ConfigDict(dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
+                               clip_global_norm=0.0, grad_accum=1, ema_decay=0.999, ema_every=1,
+                               lr=lr))

@@ -81,7 +81,86 @@ def preview(cfg, workdir: str) -> None:
         print(json.dumps(stats, indent=2))
 
 
+def latest_export(workdir: str) -> str | None:
+    """The newest ``workdir/exports/step_N`` directory, or None."""
+    d = os.path.join(workdir, "exports")
+    steps = sorted(int(n[5:]) for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()) \
+        if os.path.isdir(d) else []
+    return os.path.join(d, f"step_{steps[-1]:07d}") if steps else None
+
+
+def train_dvae(cfg, workdir: str) -> None:
+    """Trains the dVAE (stage 1), then exports its EMA params to ``workdir/exports/step_N``.
+
+    A run whose last checkpoint already reached ``total_steps`` and has an export is
+    skipped, so rerunning the demo costs nothing.
+    """
+    import jax
+
+    from dalle_jax.data import sources
+    from dalle_jax.tokenizers import params_io
+    from dalle_jax.train import dvae_task, loop
+
+    total = int(cfg.total_steps)
+    export_dir = os.path.join(workdir, "exports", f"step_{total:07d}")
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
+        logging.info("dVAE already trained to step %d (%s); skipping", total, export_dir)
+        print(f"dVAE already trained: {export_dir}")
+        return
+    task = dvae_task.make_task(cfg, workdir)
+    state = loop.train(cfg, workdir, task,
+                       lambda: sources.make_input(cfg.data, cfg.data.train_split, train=True))
+    step = int(jax.device_get(state.step))
+    if step < total:  # stopped early (preemption): no export yet
+        return
+    params = state.ema_params if float(cfg.optim.ema_decay) > 0 else state.params
+    params_io.save_params(export_dir, dvae_task.model_config(cfg), params, step=step,
+                          source="trained", ema=float(cfg.optim.ema_decay) > 0)
+    print(f"dVAE exported to {export_dir}")
+
+
+def encode(cfg, workdir: str) -> None:
+    """Pre-encodes the config's dataset with a dVAE export into token shards for stage 2.
+
+    The dVAE is ``cfg.encode.params`` if set, else the newest export in the workdir.
+    Output: ``cfg.encode.out_dir`` or ``workdir/tokens``; finished shards are skipped.
+    """
+    from dalle_jax.tokenizers import pre_encode
+    from dalle_jax.tokenizers.dvae import ImageTokenizer
+
+    params_dir = cfg.encode.params or latest_export(workdir)
+    if not params_dir:
+        raise FileNotFoundError(f"no dVAE export in {workdir}/exports and encode.params is empty: "
+                                "train the dVAE first (--job=train_dvae) or set --config.encode.params")
+    tokenizer = ImageTokenizer.load(params_dir)
+    out_dir = cfg.encode.out_dir or os.path.join(workdir, "tokens")
+    splits = [s.strip() for s in str(cfg.encode.splits).split(",") if s.strip()]
+    report = pre_encode.encode_dataset(cfg.data, tokenizer, out_dir, splits=splits,
+                                       shard_size=int(cfg.encode.shard_size),
+                                       batch_size=int(cfg.encode.batch_size), dvae_dir=params_dir)
+    print(json.dumps(report, indent=2))
+
+
+def import_openai_dvae(cfg, workdir: str) -> None:
+    """Converts OpenAI's released ``encoder.pkl``/``decoder.pkl`` into ``workdir/exports/openai``.
+
+    Paths come from ``cfg.openai.encoder_pkl`` / ``cfg.openai.decoder_pkl`` (local files).
+    """
+    from dalle_jax.tokenizers import openai_import
+
+    if "openai" not in cfg or not cfg.openai.encoder_pkl or not cfg.openai.decoder_pkl:
+        raise ValueError("set --config.openai.encoder_pkl=... and --config.openai.decoder_pkl=... "
+                         "(configs/dvae_paper.py has these fields)")
+    out = os.path.join(workdir, "exports", "openai")
+    config = openai_import.main(cfg.openai.encoder_pkl, cfg.openai.decoder_pkl, out,
+                                image_size=int(cfg.model.image_size))
+    print(f"OpenAI dVAE ({config}) written to {out}")
+
+
 JOBS: dict[str, Callable] = {
+    "encode": encode,
+    "import_openai_dvae": import_openai_dvae,
     "prepare": prepare,
     "preview": preview,
+    "train_dvae": train_dvae,
 }

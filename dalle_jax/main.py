@@ -9,6 +9,7 @@ pods, or explicitly with ``--coordinator_address/--num_processes/--process_id``.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 import time
@@ -69,9 +70,25 @@ def write_config(cfg, workdir: str) -> str:
     return path
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops library chatter: orbax/TFDS INFO lines (dozens per checkpoint) and two
+    harmless TFDS warnings (no OpenCV, so PIL decodes; a custom builder config)."""
+
+    _NOISY_PATHS = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+    _NOISY_WARNINGS = ("OpenCV is not installed", "Using custom data configuration")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if FLAGS.verbosity > 0:
+            return True
+        if record.levelno >= std_logging.WARNING:
+            return not str(record.msg).startswith(self._NOISY_WARNINGS)
+        return not any(n in record.pathname for n in self._NOISY_PATHS)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     init_distributed()
     import jax
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from dalle_jax.tokenizers import dvae, openai_import
+from dalle_jax.tokenizers import dvae, openai_import, params_io
 
 IMAGE = 32  # grid 4 with group_count 4
 N_HID, VOCAB, N_BLK = 64, 512, 2
@@ -187,37 +187,37 @@ def test_save_load_and_cli(tmp_path, release, converted):
     out = tmp_path / "ckpt"
     got = openai_import.main(enc_pkl, dec_pkl, str(out), image_size=IMAGE)
     assert got == config
-    assert os.path.isfile(out / openai_import.CONFIG_FILE)
-    loaded_config, loaded = openai_import.load_params(out)
+    assert os.path.isfile(out / params_io.META_FILE)
+    loaded_config, loaded = params_io.load_params(out)
     assert loaded_config == config
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(loaded))
     # Same architecture, other resolution / dtype: accepted, and the caller's config wins.
     other = dvae.DVAEConfig(**{**config.to_dict(), "image_size": 64, "dtype": "bfloat16"})
-    assert openai_import.load_params(out, other)[0] == other
+    assert params_io.load_params(out, other)[0] == other
     # A differently sized dVAE is refused with the fields listed.
     wrong = dvae.DVAEConfig(**{**config.to_dict(), "n_hid": 128, "vocab_size": 8192})
     with pytest.raises(ValueError, match=r"n_hid: checkpoint 64 vs expected 128.*"
                                          r"vocab_size: checkpoint 512 vs expected 8192"):
-        openai_import.load_params(out, wrong)
+        params_io.load_params(out, wrong)
     tok = dvae.ImageTokenizer.load(str(out), config)
     assert tok.grid == 4
     with pytest.raises(FileExistsError, match="not empty"):
         openai_import.main(enc_pkl, dec_pkl, str(out))
     with pytest.raises(FileNotFoundError, match="not a dVAE parameter checkpoint"):
-        openai_import.load_params(tmp_path / "nothing")
+        params_io.load_params(tmp_path / "nothing")
 
 
 def test_load_params_with_sharding(tmp_path):
     config = dvae.DVAEConfig(image_size=8, group_count=2, n_hid=8, n_blk_per_group=1,
                              n_init=4, vocab_size=16)
     params = dvae.init_params(config, jax.random.key(3))
-    openai_import.save_params(tmp_path / "c", config, params)
+    params_io.save_params(tmp_path / "c", config, params)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    _, loaded = openai_import.load_params(tmp_path / "c", config, sharding=replicated)
+    _, loaded = params_io.load_params(tmp_path / "c", config, sharding=replicated)
     leaf = jax.tree.leaves(loaded)[0]
     assert leaf.sharding == replicated
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     with pytest.raises(ValueError, match="structure"):
-        openai_import.save_params(tmp_path / "d", config, {"encoder": params["encoder"]})
+        params_io.save_params(tmp_path / "d", config, {"encoder": params["encoder"]})

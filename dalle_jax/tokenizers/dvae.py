@@ -697,10 +697,10 @@ class ImageTokenizer:
 
     @classmethod
     def load(cls, directory: str, expected_config: DVAEConfig | None = None) -> ImageTokenizer:
-        """Loads parameters written by `openai_import.save_params` (or the dVAE trainer)."""
-        from dalle_jax.tokenizers import openai_import  # local: openai_import imports this module
+        """Loads a dVAE export (from the dVAE trainer or the OpenAI import)."""
+        from dalle_jax.tokenizers import params_io  # local: params_io imports this module
 
-        config, params = openai_import.load_params(directory, expected_config)
+        config, params = params_io.load_params(directory, expected_config)
         return cls(config, params)
 
     @property

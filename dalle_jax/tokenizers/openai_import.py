@@ -7,8 +7,8 @@ OIHW kernels. This module
 * reads such a pickle (or takes a module / state dict directly), infers the `DVAEConfig`
   from the tensor shapes, checks every name and shape against our model, and converts the
   tensors to our parameter tree (``blocks.a.b.w`` -> ``encoder|decoder/a/b/kernel``, HWIO);
-* saves and loads dVAE parameters: an orbax checkpoint under ``<dir>/params`` plus
-  ``<dir>/dvae_config.json``.
+* writes the converted parameters as a dVAE export (`dalle_jax.tokenizers.params_io`),
+  the same format the dVAE trainer produces.
 
 torch and ``dall_e`` are needed only to read the pickles (unpickling imports the classes);
 converting a state dict of numpy arrays, saving and loading need neither.
@@ -16,7 +16,6 @@ converting a state dict of numpy arrays, saving and loading need neither.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -27,9 +26,8 @@ import numpy as np
 from flax import traverse_util
 
 from dalle_jax.tokenizers.dvae import DVAEConfig, abstract_params
+from dalle_jax.tokenizers.params_io import save_params
 
-CONFIG_FILE = "dvae_config.json"
-PARAMS_DIR = "params"
 
 _GROUP_RE = re.compile(r"^blocks\.group_(\d+)\.block_(\d+)\.")
 
@@ -304,75 +302,6 @@ def convert(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_params(out_dir: str | os.PathLike, config: DVAEConfig, params: Any) -> None:
-    """Writes ``<out_dir>/params`` (orbax) and ``<out_dir>/dvae_config.json``."""
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    want = abstract_params(config)
-    if jax.tree.structure(want) != jax.tree.structure(params):
-        raise ValueError("params do not have the structure of the dVAE described by config")
-    os.makedirs(out_dir, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, PARAMS_DIR), params)
-        ckptr.wait_until_finished()
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-
-
-def read_config(directory: str | os.PathLike) -> DVAEConfig:
-    """The `DVAEConfig` stored next to a parameter checkpoint."""
-    path = os.path.join(os.fspath(directory), CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {directory} is not a dVAE parameter checkpoint")
-    with open(path) as f:
-        return DVAEConfig.from_dict(json.load(f))
-
-
-def load_params(
-    directory: str | os.PathLike,
-    expected_config: DVAEConfig | None = None,
-    *,
-    sharding: Any = None,
-) -> tuple[DVAEConfig, Any]:
-    """Reads a checkpoint written by `save_params`.
-
-    Args:
-        directory: the checkpoint directory.
-        expected_config: if given, its architecture fields (all but ``image_size`` and
-            ``dtype``, which do not change the weights) must match the stored config; the
-            returned config is then ``expected_config`` itself.
-        sharding: one `jax.sharding.Sharding` for every array, or a tree of them matching
-            the parameters; default: a single device.
-
-    Raises:
-        ValueError: the stored dVAE has a different architecture (lists the fields).
-    """
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.fspath(directory))
-    stored = read_config(directory)
-    config = stored
-    if expected_config is not None:
-        diff = stored.architecture_diff(expected_config)
-        if diff:
-            fields = ", ".join(f"{k}: checkpoint {a} vs expected {b}" for k, (a, b) in diff.items())
-            raise ValueError(f"dVAE checkpoint {directory} has a different architecture: {fields}")
-        config = expected_config
-    abstract = abstract_params(stored)
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if isinstance(sharding, jax.sharding.Sharding):
-        shardings = jax.tree.map(lambda _: sharding, abstract)
-    else:
-        shardings = sharding
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
-    return config, params
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -383,5 +312,6 @@ def main(encoder_pkl: str, decoder_pkl: str, out_dir: str, *, image_size: int = 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"output path {out_dir} exists and is not a directory")
     config, params = convert(encoder_pkl, decoder_pkl, image_size=image_size)
-    save_params(out_dir, config, params)
+    save_params(out_dir, config, params, source="openai",
+                encoder_pkl=os.path.abspath(encoder_pkl), decoder_pkl=os.path.abspath(decoder_pkl))
     return config

@@ -278,8 +278,11 @@ def train(
                 window_start, window_t0, window_n = step, time.time(), 0
             if task.evaluate is not None and eval_every and (step % eval_every == 0 or step == total_steps):
                 eval_params = state.ema_params if ema_decay > 0 else state.params
+                t_eval = time.time()
                 ev = task.evaluate(eval_params, step)
+                ev["seconds"] = time.time() - t_eval
                 writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
+                window_t0 += time.time() - t_eval  # keep eval time out of the step rate
             if (ckpt_every and step % ckpt_every == 0) or last:
                 save(step, force=True)
             if stopper.requested:
