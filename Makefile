@@ -20,7 +20,8 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 
 $(VENV)/.stamp-test: $(VENV)/.stamp
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[test]" 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import pytest, xdist"
+	$(PY) -m pip install $(PIP_QUIET) --no-deps -c constraints.txt "dall-e==0.1" 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import pytest, xdist, torch, dall_e"
 	touch $@
 
 setup: $(VENV)/.stamp
@@ -38,7 +39,7 @@ test-all: $(VENV)/.stamp-test
 lock: $(VENV)/.stamp-test
 	{ echo "# Exact versions used by CI and the README set-up (Python 3.11). Regenerate with"; \
 	  echo "# 'make lock' after changing dependencies in pyproject.toml."; \
-	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt
+	  $(PY) -m pip freeze --exclude-editable | sed 's/^DALL-E==/dall-e==/'; } > constraints.txt
 
 clean-demo:
 	rm -rf $(WORKDIR)

@@ -69,6 +69,9 @@ class DVAEConfig:
         vocab_size: codebook size K.
         dtype: compute dtype of the convolutions (the encoder's last and the decoder's first
             conv always run in float32, as in the release). Parameters are always float32.
+        post_gain: multiplier of every resblock's residual branch; 0 (the default) means
+            the paper's ``1 / n_layers**2``. Small, short CPU runs may raise it: the paper's
+            constant keeps the network near its identity paths for many thousands of steps.
     """
 
     image_size: int = 256
@@ -79,6 +82,7 @@ class DVAEConfig:
     n_init: int = 128
     vocab_size: int = 8192
     dtype: str = "float32"
+    post_gain: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -86,6 +90,9 @@ class DVAEConfig:
             if f.name == "dtype":
                 if value not in _DTYPES:
                     raise ValueError(f"DVAEConfig.dtype must be one of {_DTYPES}, got {value!r}")
+            elif f.name == "post_gain":
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"DVAEConfig.post_gain must be a number >= 0, got {value!r}")
             elif not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ValueError(f"DVAEConfig.{f.name} must be an int, got {value!r}")
         minimum = dict(image_size=1, input_channels=1, group_count=1, n_hid=4,
@@ -111,6 +118,11 @@ class DVAEConfig:
     @property
     def tokens_per_image(self) -> int:
         return self.grid * self.grid
+
+    @property
+    def resblock_gain(self) -> float:
+        """The residual-branch multiplier: ``post_gain``, or the paper's 1 / n_layers**2."""
+        return float(self.post_gain) if self.post_gain else 1.0 / self.n_layers**2
 
     @property
     def n_layers(self) -> int:
@@ -233,23 +245,22 @@ class ResPath(nn.Module):
 
 class Block(nn.Module):
     """``id_path(x) + post_gain * res_path(x)`` (paper §2.1: "multiplication of the outgoing
-    activations ... by a small constant"); post_gain = 1 / n_layers**2, a constant, no norm."""
+    activations ... by a small constant"); post_gain is a constant, there is no norm."""
 
     n_in: int
     n_out: int
-    n_layers: int
+    post_gain: float
     kernel_sizes: tuple[int, int, int, int]
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        post_gain = 1.0 / self.n_layers**2
         if self.n_in != self.n_out:
             identity = Conv(self.n_in, self.n_out, 1, self.dtype, name="id_path")(x)
         else:
             identity = x.astype(self.dtype)
         res = ResPath(self.n_in, self.n_out, self.kernel_sizes, self.dtype, name="res_path")(x)
-        return identity + post_gain * res
+        return identity + self.post_gain * res
 
 
 class Group(nn.Module):
@@ -258,7 +269,7 @@ class Group(nn.Module):
     n_in: int
     n_out: int
     n_blk: int
-    n_layers: int
+    post_gain: float
     kernel_sizes: tuple[int, int, int, int]
     dtype: Any = jnp.float32
 
@@ -266,7 +277,7 @@ class Group(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.n_blk):
             n_in = self.n_in if i == 0 else self.n_out
-            x = Block(n_in, self.n_out, self.n_layers, self.kernel_sizes, self.dtype,
+            x = Block(n_in, self.n_out, self.post_gain, self.kernel_sizes, self.dtype,
                       name=f"block_{i + 1}")(x)
         return x
 
@@ -290,7 +301,7 @@ class Encoder(nn.Module):
         x = Conv(c.input_channels, c.n_hid, 7, dt, name="input")(x_BHWC)
         n_in = c.n_hid
         for g, width in enumerate(c.encoder_widths()):
-            x = Group(n_in, width, c.n_blk_per_group, c.n_layers, _ENC_KERNELS, dt,
+            x = Group(n_in, width, c.n_blk_per_group, c.resblock_gain, _ENC_KERNELS, dt,
                       name=f"group_{g + 1}")(x)
             if g < c.group_count - 1:
                 # Paper §A.1: max-pooling gave a better ELB than average-pooling.
@@ -338,7 +349,7 @@ class Decoder(nn.Module):
         x = nn.with_logical_constraint(x, _ACT_AXES)
         n_in = c.n_init
         for g, width in enumerate(c.decoder_widths()):
-            x = Group(n_in, width, c.n_blk_per_group, c.n_layers, _DEC_KERNELS, dt,
+            x = Group(n_in, width, c.n_blk_per_group, c.resblock_gain, _DEC_KERNELS, dt,
                       name=f"group_{g + 1}")(x)
             if g < c.group_count - 1:
                 # Paper §A.1: nearest-neighbour upsampling.
