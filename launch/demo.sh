@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
 # The embedded default: the tiny pipeline on the built-in `shapes` dataset, on CPU.
-# Every stage skips work that is already done, so rerunning is cheap.
-#   launch/demo.sh [WORKDIR]
+#   launch/demo.sh [WORKDIR]        (default runs/demo)
+# Stages: prepare the dataset -> preview the input pipeline -> train the tiny dVAE ->
+# pre-encode every split into image tokens for stage 2. Every stage skips work that is
+# already done, so rerunning is cheap.
 set -euo pipefail
 workdir=${1:-runs/demo}
 here=$(cd "$(dirname "$0")" && pwd)
 export DALLE_JAX_DATA_DIR=${DALLE_JAX_DATA_DIR:-$(pwd)/data}
-cfg=configs/shapes.py:size=tiny
-"$here/local.sh" prepare "$cfg" "$workdir"
-"$here/local.sh" preview "$cfg" "$workdir"
-echo "demo finished: see $workdir/preview/train_batch.png"
+dvae=configs/dvae_shapes.py:size=tiny
+start=$(date +%s)
+stage() { echo; echo "== $1 ($(( $(date +%s) - start ))s)"; }
+stage "prepare the shapes dataset"
+"$here/local.sh" prepare "$dvae" "$workdir/dvae"
+stage "preview the input pipeline"
+"$here/local.sh" preview configs/shapes.py:size=tiny "$workdir"
+stage "train the tiny dVAE"
+"$here/local.sh" train_dvae "$dvae" "$workdir/dvae"
+stage "pre-encode the dataset into image tokens"
+"$here/local.sh" encode "$dvae" "$workdir/dvae"
+stage "done"
+echo "input batch:        $workdir/preview/train_batch.png"
+echo "reconstructions:    $workdir/dvae/eval/recon_latest.png"
+echo "metrics:            $workdir/dvae/metrics.jsonl"
+echo "image tokens:       $workdir/dvae/tokens"

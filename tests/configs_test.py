@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "shapes.py": ["", "size=tiny", "size=small", "size=paper", "size=tiny,batch=8,augment=transformer"],
     "captions.py": ["name=mydata", "name=mydata,image_size=128,augment=none"],
+    "dvae_shapes.py": ["", "size=tiny", "size=small", "size=tiny,steps=10,batch=8"],
+    "dvae_paper.py": ["", "runlocal", "name=cc3m,batch=64"],
 }
 
 
@@ -38,6 +40,17 @@ def test_config_builds_and_is_locked(name, arg):
         cfg.data.batch_sise = 3  # a typo must not create a new field
     # Resolved configs serialise for workdir/config.json.
     assert '"data"' in configlib.to_json(cfg)
+
+
+@pytest.mark.parametrize("name", ["dvae_shapes.py", "dvae_paper.py"])
+def test_dvae_configs_build_their_model(name):
+    """The model section is a valid DVAEConfig and matches the data resolution."""
+    from dalle_jax.train import dvae_task
+
+    cfg = configlib.load_config(_path(name))
+    mcfg = dvae_task.model_config(cfg)
+    assert mcfg.image_size == cfg.data.image_size
+    assert cfg.total_steps > 0 and cfg.optim.name == "adamw"
 
 
 def test_unknown_arg_key_fails():
