@@ -111,7 +111,8 @@ def encode_dataset(
         if progress and jax.process_index() == 0 and n_todo:
             from tqdm import tqdm
 
-            bar = tqdm(total=n_todo, desc=f"encode {split}", unit="img", dynamic_ncols=True)
+            bar = tqdm(total=n_todo, desc=f"encode {split}", unit="img", dynamic_ncols=True,
+                       mininterval=2.0)
         for s in todo:
             lo, hi = s * shard_size, min(len(source), (s + 1) * shard_size)
             path = tokens.shard_path(out_dir, split, s, n_shards)
