@@ -1,0 +1,1 @@
+"""Stage-2 model: attention masks (`masks`) and the sparse-attention transformer (`transformer`)."""

@@ -1,0 +1,578 @@
+"""The stage-2 transformer (paper §2.2, App. B.1): a decoder-only sparse-attention transformer
+over the joint text + image token stream, its input/target conventions and its loss.
+
+This module owns:
+
+* `TransformerConfig`, the architecture hyper-parameters (`TransformerConfig.paper_12b` is the
+  paper's 64-layer, 3968-wide, 62-head model);
+* `Transformer`, a Flax Linen module: embeddings, the resblock stack, the two output heads;
+* the pure per-layer functions (`attention_branch`, `mlp_branch`, `qkv_projection`,
+  `attend`), kept module-level so a later sampler can cache keys and values per layer and a
+  later mixed-precision step can wrap each resblock branch separately (DESIGN §4);
+* `make_inputs` and `loss_fn`, the sequence and target conventions;
+* `param_specs` (shapes, logical axes and init of every parameter) and `init_variables`, the
+  fast jittable init.
+
+Sequence layout (DESIGN §3, spec ambiguity A6). ``L = T + I`` slots, ``I = G*G``:
+
+* text slots ``0..T-1`` hold the caption slots ``[BOS, bpe..., pad_p...]`` exactly as the text
+  tokenizer writes them (ids ``< text_vocab``; the pad of slot ``p`` is its own id, so pads
+  are learned tokens and are not masked, paper §2.2). Text slot ``t < T-1`` predicts the id
+  in slot ``t+1`` over the whole text vocabulary, pads included (the paper leaves open
+  whether pads count in the loss; they are learned tokens with their own embedding rows, so
+  they are predicted like any other token). BOS in slot 0 is never predicted, and slot
+  ``T-1`` predicts nothing because the slot after it always holds BOI;
+* image slot ``T+k`` holds ``[BOI, z_0, ..., z_{I-2}][k]``, carries the row and column
+  embeddings of cell ``k`` and predicts ``z_k`` over the image vocabulary. BOI is the extra
+  image embedding row ``image_vocab``.
+
+Each modality's softmax is restricted to its own vocabulary, and instead of one joint head
+with a logits mask the model computes text logits on text slots only and image logits on
+image slots only: the same probabilities, without the ``T x image_vocab`` and
+``I x text_vocab`` blocks that a mask would throw away.
+
+Parameters. Every resblock's weights are stored stacked on a leading ``layers`` axis
+(``params["layers"][name]`` has shape ``(depth, ...)``) whether or not the stack is run
+with ``lax.scan``; with ``scan_layers=False`` a Python loop takes layer ``l``'s slice. One
+layout therefore serves training (either way), checkpoints and sampling, and switching
+``scan_layers`` never needs a conversion. Each layer is a pure function of its slice, so
+`jax.checkpoint` (remat policies) and `jax.lax.scan` apply to it directly.
+
+Precision (paper §D item 2, spec §3.3): parameters, embeddings, the residual stream, layer
+norms and logits are float32; the matmuls inside the resblock branches run in
+``config.dtype`` and the attention softmax is float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_jax.models import masks
+
+PyTree = Any
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_REMAT = ("none", "full", "dots")
+_CONV_KINDS = ("raster", "2d")
+
+# Sparse Transformer §6 init: N(0, 0.125/sqrt(d_in)) weights, embeddings alike (spec §2.3).
+INIT_SCALE = 0.125
+LN_EPS = 1e-5
+# `init_variables` cuts all normal parameters from one draw up to this many scalars.
+_ONE_DRAW_MAX = 1 << 26
+# Finite stand-in for -inf on masked logits. Every row keeps its diagonal, so no row is
+# fully masked and the softmax never divides by zero.
+_MASKED = float(np.finfo(np.float32).min)
+
+# Logical names of the main activations.
+_X_AXES = ("batch", "length", "embed")
+_HEAD_AXES = ("batch", "length", "heads", "kv")
+_MLP_AXES = ("batch", "length", "mlp")
+_LOGIT_AXES = ("batch", "length", "vocab")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture of the stage-2 transformer.
+
+    Attributes:
+        text_vocab: rows of the text embedding and width of the text head: the BPE vocabulary
+            plus one pad id per text slot (``TextTokenizer.text_vocab_size(text_len)``).
+        image_vocab: dVAE codebook size; the image embedding has one extra row for BOI.
+        text_len: text slots ``T`` (BOS, caption, pads).
+        grid: image grid side ``G``; ``I = G*G`` image slots.
+        width, depth, heads: ``D``, number of layers (each an attention and an MLP resblock),
+            and attention heads (``D`` must divide by it).
+        mlp_ratio: MLP hidden width as a multiple of ``D`` (Sparse Transformer: 4).
+        dropout: dropout on each resblock branch output (paper: not stated, so 0).
+        attn_pattern: layer mask pattern, see `masks.layer_kinds`.
+        conv_kernel: window side of the convolutional mask (paper: 11).
+        conv_kind: ``"raster"`` (spec §2.4 reading B) or ``"2d"`` (reading A) for ``conv``.
+        dtype: compute dtype of the resblock matmuls.
+        remat: ``"none"``, ``"full"`` (recompute each layer in the backward pass, paper §2.4)
+            or ``"dots"`` (keep the weight matmul outputs, recompute the rest).
+        scan_layers: run the layer stack with ``lax.scan`` (compiles one layer) instead of a
+            Python loop; the parameters are the same either way.
+        loss_text_weight: weight of the text cross-entropy; the image gets the rest (paper
+            §2.2: 1/8 and 7/8).
+    """
+
+    text_vocab: int
+    image_vocab: int
+    text_len: int
+    grid: int
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    attn_pattern: str = "paper"
+    conv_kernel: int = masks.PAPER_CONV_KERNEL
+    conv_kind: str = "raster"
+    dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
+    loss_text_weight: float = 1 / 8
+
+    def __post_init__(self):
+        for name in ("text_vocab", "image_vocab", "grid", "width", "depth", "heads",
+                     "mlp_ratio"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_len < 2:
+            raise ValueError(f"text_len must be >= 2 (BOS plus at least one predicted slot), "
+                             f"got {self.text_len}")
+        if self.text_vocab <= self.text_len:
+            raise ValueError(f"text_vocab={self.text_vocab} must exceed text_len="
+                             f"{self.text_len}: it holds the BPE ids plus one pad per text slot")
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.conv_kind not in _CONV_KINDS:
+            raise ValueError(f"conv_kind must be one of {_CONV_KINDS}, got {self.conv_kind!r}")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be a positive odd number, got {self.conv_kernel}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if self.remat not in _REMAT:
+            raise ValueError(f"remat must be one of {_REMAT}, got {self.remat!r}")
+        if not 0.0 <= self.loss_text_weight <= 1.0:
+            raise ValueError(f"loss_text_weight must be in [0, 1], got {self.loss_text_weight}")
+        masks.layer_kinds(self.depth, self.attn_pattern)  # raises on a bad pattern
+
+    @classmethod
+    def paper_12b(cls, **overrides: Any) -> TransformerConfig:
+        """The paper's model (§2.2, App. B.1, Table 1): 64 layers, 62 heads x 64, d = 3968."""
+        base = dict(text_vocab=16384 + 256, image_vocab=8192, text_len=256, grid=32,
+                    width=3968, depth=64, heads=62)
+        return cls(**{**base, **overrides})
+
+    @property
+    def image_len(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_ratio * self.width
+
+    @property
+    def boi_id(self) -> int:
+        """Image-embedding row of the begin-of-image token (the input of the first image slot)."""
+        return self.image_vocab
+
+    @property
+    def compute_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+    @property
+    def loss_image_weight(self) -> float:
+        return 1.0 - self.loss_text_weight
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Mask kind of each layer, with ``conv`` resolved through ``conv_kind``."""
+        conv = f"conv_{self.conv_kind}"
+        return tuple(conv if k == "conv" else k
+                     for k in masks.layer_kinds(self.depth, self.attn_pattern))
+
+
+def layer_masks(config: TransformerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct masks ``(N, L, L)`` used by the model and each layer's index into them.
+
+    Only the distinct masks become constants (at most a few, 1.6 MB each at the paper's
+    size); a per-layer ``(depth, L, L)`` stack would put 105 MB of constants into the program.
+    """
+    kinds = config.layer_kinds()
+    distinct = tuple(dict.fromkeys(kinds))
+    table_NLL = np.stack([masks.mask(config.text_len, config.grid, k, kernel=config.conv_kernel)
+                          for k in distinct])
+    index = np.asarray([distinct.index(k) for k in kinds], np.int32)
+    return table_NLL, index
+
+
+# ----------------------------------------------------------------------------- sequence
+
+
+def make_inputs(text_BT: jax.Array, image_BI: jax.Array,
+                boi_id: int) -> tuple[jax.Array, jax.Array]:
+    """Embedding inputs ``(text_BT, image_in_BI)`` from a caption and its image tokens.
+
+    Text slots are fed as they are (slot ``t`` predicts slot ``t+1``); the image slots get
+    ``[BOI, z_0, ..., z_{I-2}]`` so that slot ``T+k`` predicts ``z_k``.
+    """
+    boi_B1 = jnp.full((image_BI.shape[0], 1), boi_id, image_BI.dtype)
+    return text_BT, jnp.concatenate([boi_B1, image_BI[:, :-1]], axis=1)
+
+
+def _cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Array:
+    logits_BSV = logits_BSV.astype(jnp.float32)
+    target_BS = jnp.take_along_axis(logits_BSV, targets_BS[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_BSV, axis=-1) - target_BS
+
+
+def loss_fn(logits_text_BTV: jax.Array, logits_image_BIC: jax.Array, text_BT: jax.Array,
+            image_BI: jax.Array, *, text_weight: float = 1 / 8) -> tuple[jax.Array, dict]:
+    """``text_weight * mean CE(text) + (1 - text_weight) * mean CE(image)`` (paper §2.2).
+
+    Each mean runs over its own token count: ``B*(T-1)`` text targets (slots ``1..T-1``,
+    predicted from slots ``0..T-2``; the logits of slot ``T-1`` are unused) and ``B*I``
+    image targets. Returns the loss and ``loss``, ``loss_text``, ``loss_image``,
+    ``acc_text``, ``acc_image``.
+    """
+    logits_text = logits_text_BTV[:, :-1]
+    targets_text = text_BT[:, 1:]
+    loss_text = _cross_entropy(logits_text, targets_text).mean()
+    loss_image = _cross_entropy(logits_image_BIC, image_BI).mean()
+    loss = text_weight * loss_text + (1.0 - text_weight) * loss_image
+    metrics = {
+        "loss": loss,
+        "loss_text": loss_text,
+        "loss_image": loss_image,
+        "acc_text": (jnp.argmax(logits_text, -1) == targets_text).mean(),
+        "acc_image": (jnp.argmax(logits_image_BIC, -1) == image_BI).mean(),
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- layer functions
+
+
+def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
+
+
+def gelu_sigmoid(x: jax.Array) -> jax.Array:
+    """``x * sigmoid(1.702 x)``, the Sparse Transformer's GELU approximation (ST §5.2)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def qkv_projection(p: dict, h_BLD: jax.Array,
+                   dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys and values ``(B, L, H, K)`` of one layer from the normed input."""
+    qkv = jnp.einsum("bld,dthk->tblhk", h_BLD.astype(dtype), p["qkv_kernel"].astype(dtype))
+    qkv = qkv + p["qkv_bias"].astype(dtype)[:, None, None]
+    return tuple(_constrain(a, _HEAD_AXES) for a in qkv)
+
+
+def attend(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
+           mask_QS: jax.Array) -> jax.Array:
+    """Dense masked attention ``(B, Q, H, K)``: mask applied to fp32 logits, fp32 softmax.
+
+    ``mask_QS[q, s]`` allows query ``q`` to see key ``s``; a cached decode step passes the
+    mask rows of its query slots against the cached keys.
+    """
+    scale = q_BQHK.shape[-1] ** -0.5  # ST §5.2: scaled dot-product, 1/sqrt(d_head)
+    logits_BHQS = jnp.einsum("bqhk,bshk->bhqs", q_BQHK * jnp.asarray(scale, q_BQHK.dtype),
+                             k_BSHK, preferred_element_type=jnp.float32)
+    logits_BHQS = jnp.where(mask_QS, logits_BHQS, _MASKED)
+    probs_BHQS = jax.nn.softmax(logits_BHQS, axis=-1)
+    out_BQHK = jnp.einsum("bhqs,bshk->bqhk", probs_BHQS.astype(v_BSHK.dtype), v_BSHK)
+    return _constrain(out_BQHK, _HEAD_AXES)
+
+
+def attention_branch(p: dict, x_BLD: jax.Array, mask_LL: jax.Array,
+                     config: TransformerConfig) -> jax.Array:
+    """``attention(norm(x))`` of one layer (ST §5.2), returned in float32."""
+    dt = config.compute_dtype
+    h_BLD = layer_norm(x_BLD, p["ln1_scale"], p["ln1_bias"])
+    q, k, v = qkv_projection(p, h_BLD, dt)
+    out_BLHK = attend(q, k, v, mask_LL)
+    y_BLD = jnp.einsum("blhk,hkd->bld", out_BLHK, p["out_kernel"].astype(dt))
+    y_BLD = y_BLD + p["out_bias"].astype(dt)
+    return _constrain(y_BLD.astype(jnp.float32), _X_AXES)
+
+
+def mlp_branch(p: dict, x_BLD: jax.Array, config: TransformerConfig) -> jax.Array:
+    """``W2 f(W1 norm(x) + b1) + b2`` of one layer (ST §5.2), returned in float32."""
+    dt = config.compute_dtype
+    h_BLD = layer_norm(x_BLD, p["ln2_scale"], p["ln2_bias"]).astype(dt)
+    u_BLF = jnp.einsum("bld,df->blf", h_BLD, p["mlp_in_kernel"].astype(dt))
+    u_BLF = _constrain(gelu_sigmoid(u_BLF + p["mlp_in_bias"].astype(dt)), _MLP_AXES)
+    y_BLD = jnp.einsum("blf,fd->bld", u_BLF, p["mlp_out_kernel"].astype(dt))
+    y_BLD = y_BLD + p["mlp_out_bias"].astype(dt)
+    return _constrain(y_BLD.astype(jnp.float32), _X_AXES)
+
+
+def _dropout(y: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return y
+    keep = jax.random.bernoulli(key, 1.0 - rate, y.shape)
+    return jnp.where(keep, y / (1.0 - rate), 0.0)
+
+
+def layer_forward(p: dict, x_BLD: jax.Array, mask_LL: jax.Array, key: jax.Array | None,
+                  *, config: TransformerConfig) -> jax.Array:
+    """One layer: two pre-LN resblocks on the float32 residual stream (ST §5.2)."""
+    k_attn, k_mlp = (None, None) if key is None else tuple(jax.random.split(key))
+    x_BLD = x_BLD + _dropout(attention_branch(p, x_BLD, mask_LL, config), config.dropout, k_attn)
+    x_BLD = x_BLD + _dropout(mlp_branch(p, x_BLD, config), config.dropout, k_mlp)
+    return _constrain(x_BLD, _X_AXES)
+
+
+def _remat(fn: Callable, config: TransformerConfig) -> Callable:
+    if config.remat == "none":
+        return fn
+    # "full" saves nothing inside the layer (paper §2.4: recompute the activations within
+    # the resblocks). "dots" keeps the outputs of the weight matmuls, which have no
+    # dot_general batch dims, and recomputes the (B, H, L, L) attention products, norms and
+    # activations.
+    policy = (None if config.remat == "full"
+              else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    # Under scan, CSE across iterations cannot undo the remat, so the guard is not needed.
+    return jax.checkpoint(fn, policy=policy, prevent_cse=not config.scan_layers)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+class ParamSpec(NamedTuple):
+    """Shape, logical axes and initial distribution of one parameter."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str  # "normal" (mean 0, stddev `std`), "zeros" or "ones"
+    std: float = 0.0
+
+    def initializer(self) -> Callable:
+        if self.init == "normal":
+            return nn.initializers.normal(self.std)
+        return nn.initializers.zeros if self.init == "zeros" else nn.initializers.ones
+
+
+def param_specs(config: TransformerConfig) -> dict[str, Any]:
+    """Every parameter's `ParamSpec`, nested like the ``params`` collection.
+
+    Init follows the Sparse Transformer (ST §6; spec §2.3; whether DALL·E kept it is not
+    stated), with every "N(0, s)" read as a standard deviation:
+
+    * token embeddings N(0, 0.125/sqrt(D)); position embeddings N(0, 0.125/sqrt(D * n_emb)),
+      n_emb = number of embeddings summed into a slot: 2 for text (token + position), 3 for
+      image (token + row + column, App. B.1);
+    * weights N(0, 0.125/sqrt(d_in)), biases 0, LayerNorm gains 1;
+    * the two matrices that write into the residual stream (attention output W_p and the
+      second MLP matrix W2) further scaled by 1/sqrt(2 * depth), so the stream's variance
+      stays O(1) across the 2 * depth resblocks;
+    * the output (logit) matrices 0, so the first prediction is uniform per modality.
+    """
+    c = config
+    n, d, h, k, f = c.depth, c.width, c.heads, c.head_dim, c.mlp_width
+    res = 1.0 / math.sqrt(2 * n)
+    w_in = INIT_SCALE / math.sqrt(d)
+    lnd = ("layers", "embed")
+    ones = lambda shape, axes: ParamSpec(shape, axes, "ones")  # noqa: E731
+    zeros = lambda shape, axes: ParamSpec(shape, axes, "zeros")  # noqa: E731
+    normal = lambda shape, axes, std: ParamSpec(shape, axes, "normal", std)  # noqa: E731
+    layers = {
+        "ln1_scale": ones((n, d), lnd),
+        "ln1_bias": zeros((n, d), lnd),
+        "qkv_kernel": normal((n, d, 3, h, k), ("layers", "embed", None, "heads", "kv"), w_in),
+        "qkv_bias": zeros((n, 3, h, k), ("layers", None, "heads", "kv")),
+        "out_kernel": normal((n, h, k, d), ("layers", "heads", "kv", "embed"),
+                             INIT_SCALE / math.sqrt(h * k) * res),
+        "out_bias": zeros((n, d), lnd),
+        "ln2_scale": ones((n, d), lnd),
+        "ln2_bias": zeros((n, d), lnd),
+        "mlp_in_kernel": normal((n, d, f), ("layers", "embed", "mlp"), w_in),
+        "mlp_in_bias": zeros((n, f), ("layers", "mlp")),
+        "mlp_out_kernel": normal((n, f, d), ("layers", "mlp", "embed"),
+                                 INIT_SCALE / math.sqrt(f) * res),
+        "mlp_out_bias": zeros((n, d), lnd),
+    }
+    return {
+        "text_embed": normal((c.text_vocab, d), ("vocab", "embed"), INIT_SCALE / math.sqrt(d)),
+        "text_pos": normal((c.text_len, d), ("length", "embed"), INIT_SCALE / math.sqrt(2 * d)),
+        "image_embed": normal((c.image_vocab + 1, d), ("vocab", "embed"),
+                              INIT_SCALE / math.sqrt(d)),
+        "row_embed": normal((c.grid, d), ("height", "embed"), INIT_SCALE / math.sqrt(3 * d)),
+        "col_embed": normal((c.grid, d), ("width", "embed"), INIT_SCALE / math.sqrt(3 * d)),
+        "layers": layers,
+        "final_ln_scale": ones((d,), ("embed",)),
+        "final_ln_bias": zeros((d,), ("embed",)),
+        "text_head": zeros((d, c.text_vocab), ("embed", "vocab")),
+        "image_head": zeros((d, c.image_vocab), ("embed", "vocab")),
+    }
+
+
+def _param(module: nn.Module, name: str, spec: ParamSpec) -> jax.Array:
+    init = nn.with_logical_partitioning(spec.initializer(), spec.axes)
+    return module.param(name, init, spec.shape, jnp.float32)
+
+
+class LayerStack(nn.Module):
+    """The parameters of every layer, stacked on a leading ``layers`` axis."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self) -> dict[str, jax.Array]:
+        specs = param_specs(self.config)["layers"]
+        return {name: _param(self, name, spec) for name, spec in specs.items()}
+
+
+class Transformer(nn.Module):
+    """Text + image transformer: ``(text_BT, image_BI) -> (logits_text_BTV, logits_image_BIC)``.
+
+    Parameters (the ``params`` collection)::
+
+        text_embed   (text_vocab, D)        text_pos  (T, D)
+        image_embed  (image_vocab + 1, D)   row_embed (G, D)   col_embed (G, D)
+        layers/<name> (depth, ...)          see `LayerStack`
+        final_ln_scale, final_ln_bias (D,)
+        text_head    (D, text_vocab)        image_head (D, image_vocab)
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        specs = param_specs(self.config)
+        self.text_embed = _param(self, "text_embed", specs["text_embed"])
+        self.text_pos = _param(self, "text_pos", specs["text_pos"])
+        self.image_embed = _param(self, "image_embed", specs["image_embed"])
+        self.row_embed = _param(self, "row_embed", specs["row_embed"])
+        self.col_embed = _param(self, "col_embed", specs["col_embed"])
+        self.layers = LayerStack(self.config)
+        self.final_ln_scale = _param(self, "final_ln_scale", specs["final_ln_scale"])
+        self.final_ln_bias = _param(self, "final_ln_bias", specs["final_ln_bias"])
+        self.text_head = _param(self, "text_head", specs["text_head"])
+        self.image_head = _param(self, "image_head", specs["image_head"])
+
+    def __call__(self, text_BT: jax.Array, image_BI: jax.Array, *,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """Logits of every target from a caption's text slots and its image tokens."""
+        text_in_BT, image_in_BI = make_inputs(text_BT, image_BI, self.config.boi_id)
+        x_BLD = self.embed(text_in_BT, image_in_BI)
+        return self.from_embeddings(x_BLD, deterministic=deterministic)
+
+    def create_params(self) -> None:
+        """Creates every parameter without a forward pass (``init(rng, method=...)``)."""
+        self.layers()
+        _ = self.text_embed  # any attribute access runs `setup`
+
+    def embed(self, text_BT: jax.Array, image_in_BI: jax.Array) -> jax.Array:
+        """Float32 slot embeddings ``(B, L, D)`` (paper App. B.1, Fig. 10)."""
+        c = self.config
+        text_BTD = jnp.take(self.text_embed, text_BT, axis=0) + self.text_pos
+        # App. B.1: "broadcasted row and column embeddings" for the image part; cell k is
+        # (k // G, k % G) in raster order.
+        pos_ID = (self.row_embed[:, None, :] + self.col_embed[None, :, :]).reshape(
+            c.image_len, c.width)
+        image_BID = jnp.take(self.image_embed, image_in_BI, axis=0) + pos_ID
+        return _constrain(jnp.concatenate([text_BTD, image_BID], axis=1), _X_AXES)
+
+    def encode(self, x_BLD: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """The layer stack and the final LayerNorm: ``(B, L, D) -> (B, L, D)`` float32."""
+        c = self.config
+        params = self.layers()
+        table_NLL, index = layer_masks(c)
+        masks_NLL = jnp.asarray(table_NLL)
+        keys = None
+        if c.dropout > 0.0 and not deterministic:
+            keys = jax.random.split(self.make_rng("dropout"), c.depth)
+        layer = _remat(functools.partial(layer_forward, config=c), c)
+        x_BLD = x_BLD.astype(jnp.float32)
+        if c.scan_layers:
+            def body(x, xs):
+                p_l, kind_l, key_l = xs
+                return layer(p_l, x, masks_NLL[kind_l], key_l), None
+
+            x_BLD, _ = jax.lax.scan(body, x_BLD, (params, jnp.asarray(index), keys))
+        else:
+            for l in range(c.depth):
+                p_l = jax.tree.map(lambda a: a[l], params)
+                x_BLD = layer(p_l, x_BLD, masks_NLL[int(index[l])],
+                              None if keys is None else keys[l])
+        return layer_norm(x_BLD, self.final_ln_scale, self.final_ln_bias)
+
+    def logits(self, h_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Float32 text logits on the text slots and image logits on the image slots."""
+        t = self.config.text_len
+        h_BLD = h_BLD.astype(jnp.float32)
+        logits_text_BTV = jnp.einsum("btd,dv->btv", h_BLD[:, :t], self.text_head)
+        logits_image_BIC = jnp.einsum("bid,dv->biv", h_BLD[:, t:], self.image_head)
+        return _constrain(logits_text_BTV, _LOGIT_AXES), _constrain(logits_image_BIC, _LOGIT_AXES)
+
+    def from_embeddings(self, x_BLD: jax.Array, *,
+                        deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """`logits` of `encode`: the model from slot embeddings on."""
+        return self.logits(self.encode(x_BLD, deterministic=deterministic))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def init_variables(config: TransformerConfig, rng: jax.Array, *,
+                   one_draw: bool | None = None) -> dict[str, Any]:
+    """``{"params": ...}`` with leaves boxed with their logical axes; jittable, no forward pass.
+
+    Same distributions as ``Transformer(config).init`` (`param_specs`). With ``one_draw``
+    every normal parameter is cut from a single draw: XLA on CPU compiles each PRNG call
+    separately, and even ten of them take several seconds to compile on a small machine.
+    Without it each parameter gets its own draw, so a sharded init of a large model never
+    builds one unsharded noise vector. The default (None) picks one draw up to
+    ``_ONE_DRAW_MAX`` normal scalars. The two modes give different values for one seed.
+    """
+    init = functools.partial(Transformer(config).init, method=Transformer.create_params)
+    boxed = jax.eval_shape(init, jax.random.key(0))["params"]
+    is_spec = lambda x: isinstance(x, ParamSpec)  # noqa: E731
+    specs, treedef = jax.tree.flatten(param_specs(config), is_leaf=is_spec)
+    sizes = [math.prod(s.shape) if s.init == "normal" else 0 for s in specs]
+    if one_draw is None:
+        one_draw = sum(sizes) <= _ONE_DRAW_MAX
+    noise = jax.random.normal(rng, (sum(sizes),), jnp.float32) if one_draw else None
+    values, offset = [], 0
+    for i, (spec, size) in enumerate(zip(specs, sizes)):
+        if spec.init != "normal":
+            values.append(jnp.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, jnp.float32))
+        elif one_draw:
+            values.append(noise[offset:offset + size].reshape(spec.shape) * spec.std)
+            offset += size
+        else:
+            key = jax.random.fold_in(rng, i)
+            values.append(jax.random.normal(key, spec.shape, jnp.float32) * spec.std)
+    is_box = lambda b: isinstance(b, nn.meta.AxisMetadata)  # noqa: E731
+    params = jax.tree.map(lambda b, v: b.replace_boxed(v), boxed,
+                          jax.tree.unflatten(treedef, values), is_leaf=is_box)
+    return {"params": params}
+
+
+def abstract_variables(config: TransformerConfig) -> dict[str, Any]:
+    """Shapes, dtypes and logical axes of `init_variables`, allocating nothing."""
+    return jax.eval_shape(functools.partial(init_variables, config), jax.random.key(0))
+
+
+def count_params(tree: PyTree) -> int:
+    """Number of scalars in a (possibly abstract or boxed) parameter tree."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(tree)))
+
+
+def dummy_inputs(config: TransformerConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Zero ``(text_BT, image_BI)`` int32 inputs of the right shapes."""
+    return (jnp.zeros((batch, config.text_len), jnp.int32),
+            jnp.zeros((batch, config.image_len), jnp.int32))
