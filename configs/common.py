@@ -101,6 +101,13 @@ def dvae_paper_schedules() -> mlc.ConfigDict:
     ))
 
 
+def dvae_loss(recon: str = "logit_laplace", ln_b_min: float = float("-inf"),
+              mse_sigma: float = 0.1) -> mlc.ConfigDict:
+    """The dVAE's reconstruction term (see `dvae.recon_nll`); the defaults are the paper's
+    unclamped logit-Laplace likelihood (App. A.3). ``mse_sigma`` only matters for "mse"."""
+    return mlc.ConfigDict(dict(recon=recon, ln_b_min=float(ln_b_min), mse_sigma=float(mse_sigma)))
+
+
 def dvae_optim() -> mlc.ConfigDict:
     """AdamW(0.9, 0.999, 1e-8, wd 1e-4), lr 1e-4 → 1.25e-6 (cosine over 1.2M updates) and
     a parameter EMA with decay 0.999 every step (App. A.2)."""

@@ -29,6 +29,7 @@ def get_config(arg=None):
     c.model = dict(image_size=256, input_channels=3, group_count=4, n_hid=256, n_blk_per_group=2,
                    n_init=128, vocab_size=8192)
     c.schedules = common.dvae_paper_schedules()
+    c.loss = common.dvae_loss()
     c.optim = common.dvae_optim()
     c.mesh = common.mesh()
     c.sharding_rules = "dp"

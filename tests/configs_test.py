@@ -51,6 +51,14 @@ def test_dvae_configs_build_their_model(name):
     mcfg = dvae_task.model_config(cfg)
     assert mcfg.image_size == cfg.data.image_size
     assert cfg.total_steps > 0 and cfg.optim.name == "adamw"
+    assert dvae_task.loss_options(cfg)["recon_loss"] in ("logit_laplace", "mse")
+
+
+def test_dvae_paper_config_keeps_the_paper_loss():
+    from dalle_jax.train import dvae_task
+
+    opts = dvae_task.loss_options(configlib.load_config(_path("dvae_paper.py")))
+    assert opts["recon_loss"] == "logit_laplace" and opts["ln_b_min"] == float("-inf")
 
 
 def test_unknown_arg_key_fails():

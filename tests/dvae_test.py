@@ -206,6 +206,54 @@ def test_logit_laplace_nll_matches_density():
     assert abs(np.trapezoid(f, grid) - 1.0) < 1e-3
 
 
+def test_recon_nll_options():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.uniform(0.1, 0.9, size=(4, 3)), jnp.float32)
+    mu = rng.normal(size=(4, 3))
+    ln_b = np.array([[-5.0, 0.3, -1.0]] * 4)
+    stats = jnp.asarray(np.concatenate([mu, ln_b], -1), jnp.float32)
+    # Default: the unclamped logit-Laplace term.
+    np.testing.assert_allclose(dvae.recon_nll(x, stats)[0], dvae.logit_laplace_nll(x, stats)[0])
+    # ln_b_min floors ln b (and only ln b) before the logit-Laplace term.
+    floored = jnp.asarray(np.concatenate([mu, np.maximum(ln_b, -2.0)], -1), jnp.float32)
+    np.testing.assert_allclose(dvae.recon_nll(x, stats, ln_b_min=-2.0)[0],
+                               dvae.logit_laplace_nll(x, floored)[0], rtol=1e-6)
+    grad_ln_b = jax.grad(lambda s: dvae.recon_nll(x, s, ln_b_min=-2.0)[0].sum())(stats)[:, 3:]
+    assert np.all(np.asarray(grad_ln_b)[:, 0] == 0) and np.all(np.asarray(grad_ln_b)[:, 1:] != 0)
+    # "mse": Gaussian density of the mapped pixel around sigmoid(mu), ln b ignored.
+    nll, nll_param = dvae.recon_nll(x, stats, recon_loss="mse", mse_sigma=0.2)
+    mean = 1 / (1 + np.exp(-mu))
+    density = np.exp(-((np.asarray(x) - mean) ** 2) / (2 * 0.2**2)) / (0.2 * math.sqrt(2 * math.pi))
+    np.testing.assert_allclose(nll, -np.log(density), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nll_param, (np.asarray(x) - mean) ** 2 / 0.08, rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda s: dvae.recon_nll(x, s, recon_loss="mse")[0].sum())(stats)
+    assert np.all(np.asarray(grads)[:, 3:] == 0) and np.all(np.asarray(grads)[:, :3] != 0)
+    with pytest.raises(ValueError, match="recon_loss must be one of"):
+        dvae.recon_nll(x, stats, recon_loss="l1")
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        dvae.recon_nll(x, stats, recon_loss="mse", mse_sigma=0.0)
+
+
+def test_dvae_loss_with_mse_recon(tiny_params):
+    images = _images((2, 16, 16, 3), seed=4)
+    rng = jax.random.key(5)
+    loss, aux = _jit(dvae.dvae_loss, tau=0.5, beta=2.0, model=TINY, recon_loss="mse",
+                     mse_sigma=0.1)(tiny_params, images, rng)
+    np.testing.assert_allclose(loss, aux["recon_nll"] + 2.0 * aux["kl_per_dim"], rtol=1e-5)
+    np.testing.assert_allclose(aux["recon_nll"] - aux["recon_nll_param"],
+                               math.log(0.1 * math.sqrt(2 * math.pi)), rtol=1e-5)
+    expected_bpd = (aux["recon_nll"] + math.log(255 / 0.8) + aux["kl_per_dim"]) / math.log(2)
+    np.testing.assert_allclose(aux["elb_bpd"], expected_bpd, rtol=1e-5)
+    # The parameter-dependent part is the squared error on the mapped scale over 2 sigma^2.
+    stats = dvae.decode_relaxed(
+        tiny_params,
+        dvae.gumbel_softmax(dvae.encode_logits(tiny_params, images, model=TINY), rng, 0.5),
+        model=TINY)
+    x_mapped = dvae.map_pixels(dvae.to_unit_interval(images))
+    sq = jnp.mean((jax.nn.sigmoid(stats[..., :3]) - x_mapped) ** 2)
+    np.testing.assert_allclose(aux["recon_nll_param"], sq / 0.02, rtol=1e-4)
+
+
 def test_dvae_loss_and_gradients(tiny_params):
     images = _images((2, 16, 16, 3), seed=3)
     rng = jax.random.key(2)

@@ -542,6 +542,62 @@ def logit_laplace_nll(x_mapped: jax.Array, stats: jax.Array) -> tuple[jax.Array,
     return nll, nll_param
 
 
+# Reconstruction terms `dvae_loss` accepts (see `recon_nll`).
+RECON_LOSSES = ("logit_laplace", "mse")
+
+
+def gaussian_nll(x_mapped: jax.Array, stats: jax.Array, sigma: float) -> tuple[jax.Array, jax.Array]:
+    """Per-pixel negative log-density of ``N(sigmoid(mu), sigma**2)`` on the mapped scale.
+
+    A squared error with a fixed scale: ``(x - sigmoid(mu))**2 / (2 sigma**2)`` plus the
+    constant ``ln(sigma sqrt(2 pi))``. The ln b channels of ``stats`` are ignored.
+
+    Returns:
+        ``(nll, nll_param)`` as in `logit_laplace_nll`.
+    """
+    c = x_mapped.shape[-1]
+    if stats.shape[-1] != 2 * c:
+        raise ValueError(f"stats have {stats.shape[-1]} channels, expected 2 * {c} (mu, ln b)")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    mean = jax.nn.sigmoid(stats[..., :c].astype(jnp.float32))
+    nll_param = jnp.square(x_mapped.astype(jnp.float32) - mean) / (2.0 * sigma**2)
+    return nll_param + math.log(sigma * math.sqrt(2.0 * math.pi)), nll_param
+
+
+def recon_nll(
+    x_mapped: jax.Array,
+    stats: jax.Array,
+    *,
+    recon_loss: str = "logit_laplace",
+    ln_b_min: float = -math.inf,
+    mse_sigma: float = 0.1,
+) -> tuple[jax.Array, jax.Array]:
+    """The per-pixel reconstruction term ``(nll, nll_param)`` of `dvae_loss`.
+
+    Args:
+        x_mapped: targets mapped by `map_pixels`, ``(..., C)``.
+        stats: decoder output ``(..., 2C)`` (mu, ln b).
+        recon_loss: ``"logit_laplace"`` (the paper's, §A.3) or ``"mse"`` (`gaussian_nll`
+            with std ``mse_sigma`` on the mapped scale; both are densities of the mapped
+            pixel, so the ELB stays a bound in the same units).
+        ln_b_min: for the logit-Laplace term, ln b is raised to at least this value (a hard
+            floor; below it ln b gets no gradient). -inf keeps it unclamped as in the paper.
+            Images with exactly constant regions otherwise let the likelihood grow without
+            bound by shrinking b there.
+        mse_sigma: the std of the ``"mse"`` term; its weight against the KL is
+            ``1 / (2 mse_sigma**2)``.
+    """
+    if recon_loss == "mse":
+        return gaussian_nll(x_mapped, stats, mse_sigma)
+    if recon_loss != "logit_laplace":
+        raise ValueError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
+    if ln_b_min > -math.inf:
+        c = x_mapped.shape[-1]
+        stats = jnp.concatenate([stats[..., :c], jnp.maximum(stats[..., c:], ln_b_min)], axis=-1)
+    return logit_laplace_nll(x_mapped, stats)
+
+
 # ----------------------------------------------------------------------------- pure API
 
 
@@ -611,6 +667,9 @@ def dvae_loss(
     beta: float | jax.Array,
     model: DVAE | DVAEConfig,
     hard_sample: bool = False,
+    recon_loss: str = "logit_laplace",
+    ln_b_min: float = -math.inf,
+    mse_sigma: float = 0.1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The dVAE objective (paper §2.1, §A.2) and its metrics.
 
@@ -629,11 +688,14 @@ def dvae_loss(
         hard_sample: decode ``one_hot(argmax(logits + g))``, a true sample from q, instead of
             the relaxation. Gives the *true* (not relaxed) ELB estimate; for evaluation only,
             since nothing reaches the encoder through the reconstruction term.
+        recon_loss, ln_b_min, mse_sigma: the reconstruction term, see `recon_nll`. The
+            defaults are the paper's (unclamped logit-Laplace).
 
     Returns:
         ``(loss, aux)``. ``aux`` holds batch means of (all in nats unless noted):
 
-        * ``recon_nll``: full logit-Laplace NLL per dimension (in mapped-pixel space);
+        * ``recon_nll``: full reconstruction NLL per dimension (in mapped-pixel space; the
+          logit-Laplace one, or the Gaussian one with ``recon_loss="mse"``);
         * ``recon_nll_param``: its parameter-dependent part per dimension;
         * ``kl_per_dim``: sum of KL over positions / (H*W*C); ``kl_per_position``: mean KL;
         * ``elb_bpd``: negative ELB (beta = 1) in bits per dimension of the 8-bit image:
@@ -662,7 +724,8 @@ def dvae_loss(
         stats = model.apply({"params": params}, z, method=DVAE.decode_relaxed)
 
     dims = cfg.image_size * cfg.image_size * cfg.input_channels
-    nll, nll_param = logit_laplace_nll(x_mapped, stats)
+    nll, nll_param = recon_nll(x_mapped, stats, recon_loss=recon_loss, ln_b_min=ln_b_min,
+                               mse_sigma=mse_sigma)
     nll_sum_B = jnp.sum(nll, axis=(1, 2, 3))
     kl_BGG = kl_to_uniform(logits)
     kl_sum_B = jnp.sum(kl_BGG, axis=(1, 2))

@@ -13,6 +13,7 @@ q (β = 1), which is the true bound rather than the relaxed one.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -32,6 +33,28 @@ def model_config(cfg) -> dvae.DVAEConfig:
     return dvae.DVAEConfig.from_dict(dict(cfg.model.to_dict(), dtype=cfg.precision.compute_dtype))
 
 
+def loss_options(cfg) -> dict[str, Any]:
+    """Keyword arguments of `dvae.dvae_loss` from the optional ``loss`` section.
+
+    ``loss.recon``: "logit_laplace" (the paper's, default) or "mse"; ``loss.ln_b_min``: floor
+    on the logit-Laplace ln b (default -inf, none); ``loss.mse_sigma``: std of the "mse" term.
+    """
+    section = cfg.get("loss", None)
+    section = dict(section.to_dict() if hasattr(section, "to_dict") else section or {})
+    known = {"recon", "ln_b_min", "mse_sigma"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"unknown loss options {unknown}; allowed keys are {sorted(known)}")
+    recon = str(section.get("recon", "logit_laplace"))
+    if recon not in dvae.RECON_LOSSES:
+        raise ValueError(f"loss.recon must be one of {dvae.RECON_LOSSES}, got {recon!r}")
+    sigma = float(section.get("mse_sigma", 0.1))
+    if not sigma > 0:
+        raise ValueError(f"loss.mse_sigma must be > 0, got {sigma}")
+    return dict(recon_loss=recon, ln_b_min=float(section.get("ln_b_min", -math.inf)),
+                mse_sigma=sigma)
+
+
 def make_task(cfg, workdir: str) -> loop.Task:
     mcfg = model_config(cfg)
     if int(cfg.data.image_size) != mcfg.image_size:
@@ -41,10 +64,12 @@ def make_task(cfg, workdir: str) -> loop.Task:
     tau_fn = schedules.from_config(cfg.schedules.tau)
     beta_fn = schedules.from_config(cfg.schedules.beta)
     vocab = mcfg.vocab_size
+    loss_opts = loss_options(cfg)
 
     def loss_fn(params, batch, rng, step):
         tau, beta = tau_fn(step), beta_fn(step)
-        loss, aux = dvae.dvae_loss(params, batch["image"], rng, tau=tau, beta=beta, model=model)
+        loss, aux = dvae.dvae_loss(params, batch["image"], rng, tau=tau, beta=beta, model=model,
+                                    **loss_opts)
         codes = aux.pop("codes")
         aux.pop("loss")
         aux.pop("code_usage")
@@ -78,7 +103,8 @@ class ReconEvaluator:
         self.grid_examples = int(cfg.evals.recon.grid_examples)
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.rules = sharding.get_rules(cfg.sharding_rules)
-        self._eval = jax.jit(functools.partial(_eval_batch, model=model))
+        self._eval = jax.jit(functools.partial(_eval_batch, model=model,
+                                               loss_opts=loss_options(cfg)))
 
     def __call__(self, params: Any, step: int) -> dict:
         it = sources.make_input(self.cfg.data, self.cfg.data.eval_split, train=False, num_epochs=1)
@@ -130,8 +156,9 @@ class ReconEvaluator:
         return path
 
 
-def _eval_batch(params, images, rng, *, model):
-    _, aux = dvae.dvae_loss(params, images, rng, tau=1.0, beta=1.0, model=model, hard_sample=True)
+def _eval_batch(params, images, rng, *, model, loss_opts):
+    _, aux = dvae.dvae_loss(params, images, rng, tau=1.0, beta=1.0, model=model, hard_sample=True,
+                            **loss_opts)
     tokens = dvae.encode(params, images, model=model)
     recon = dvae.decode(params, tokens, model=model)
     x01 = dvae.to_unit_interval(images)
