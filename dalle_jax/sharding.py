@@ -42,60 +42,29 @@ LOGICAL_AXES = (
 
 _BATCH = ("data", "fsdp")
 
+
+def _preset(**overrides: Any) -> tuple[tuple[str, Any], ...]:
+    """A rules table over the whole vocabulary: the batch on (data, fsdp), the rest
+    replicated unless overridden."""
+    unknown = set(overrides) - set(LOGICAL_AXES)
+    if unknown:
+        raise ValueError(f"rules for unknown logical axes {sorted(unknown)}")
+    table = {name: None for name in LOGICAL_AXES}
+    table["batch"] = _BATCH
+    table.update(overrides)
+    return tuple(table.items())
+
+
 # Presets. Values are a mesh axis, a tuple of mesh axes, or None (replicated).
 RULES: dict[str, tuple[tuple[str, Any], ...]] = {
     # Pure data parallelism: every weight replicated, the batch split over all devices.
-    "dp": (
-        ("batch", _BATCH),
-        ("length", None),
-        ("embed", None),
-        ("heads", None),
-        ("kv", None),
-        ("mlp", None),
-        ("vocab", None),
-        ("codebook", None),
-        ("height", None),
-        ("width", None),
-        ("conv_window", None),
-        ("conv_in", None),
-        ("conv_out", None),
-        ("layers", None),
-    ),
-    # ZeRO-3 style: weights split along their model-width dims over "fsdp",
-    # gathered per layer by XLA; the batch still spans data x fsdp.
-    "fsdp": (
-        ("batch", _BATCH),
-        ("length", None),
-        ("embed", "fsdp"),
-        ("heads", None),
-        ("kv", None),
-        ("mlp", None),
-        ("vocab", None),
-        ("codebook", None),
-        ("height", None),
-        ("width", None),
-        ("conv_window", None),
-        ("conv_in", None),
-        ("conv_out", "fsdp"),
-        ("layers", None),
-    ),
+    "dp": _preset(),
+    # ZeRO-3 style: weights split along their model-width dims over "fsdp", gathered
+    # per layer by XLA; the batch still spans data x fsdp.
+    "fsdp": _preset(embed="fsdp", conv_out="fsdp"),
     # FSDP plus tensor (Megatron) parallelism on heads / MLP / vocab.
-    "fsdp_tp": (
-        ("batch", _BATCH),
-        ("length", None),
-        ("embed", "fsdp"),
-        ("heads", "tensor"),
-        ("kv", None),
-        ("mlp", "tensor"),
-        ("vocab", "tensor"),
-        ("codebook", "tensor"),
-        ("height", None),
-        ("width", None),
-        ("conv_window", None),
-        ("conv_in", None),
-        ("conv_out", "fsdp"),
-        ("layers", None),
-    ),
+    "fsdp_tp": _preset(embed="fsdp", conv_out="fsdp", heads="tensor", mlp="tensor",
+                       vocab="tensor", codebook="tensor"),
 }
 
 
