@@ -116,3 +116,15 @@ def dvae_optim() -> mlc.ConfigDict:
     return mlc.ConfigDict(dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
                                clip_global_norm=0.0, grad_accum=1, ema_decay=0.999, ema_every=1,
                                lr=lr))
+
+
+def transformer_optim(peak: float = 4.5e-4, steps: int = 1_000_000, warmup: int = 5_000,
+                      end_value: float = 0.0) -> mlc.ConfigDict:
+    """AdamW(0.9, 0.96, 1e-8, wd 4.5e-2), global-norm clipping at 4 and a parameter EMA
+    (paper §B.2). The paper's learning rate warms up linearly to 4.5e-4 over 5k updates
+    and is then halved on plateaus; configs with a fixed step count use cosine decay."""
+    lr = dict(kind="warmup_cosine", peak=peak, end_value=end_value, warmup=warmup, steps=steps,
+              shape="half")
+    return mlc.ConfigDict(dict(name="adamw", b1=0.9, b2=0.96, eps=1e-8, weight_decay=4.5e-2,
+                               clip_global_norm=4.0, grad_accum=1, ema_decay=0.99, ema_every=25,
+                               lr=lr))

@@ -157,10 +157,81 @@ def import_openai_dvae(cfg, workdir: str) -> None:
     print(f"OpenAI dVAE ({config}) written to {out}")
 
 
+def _bpe_path(cfg, workdir: str) -> str:
+    """``cfg.text.bpe_model`` if set, else ``workdir/bpe.model``."""
+    return str(cfg.text.bpe_model) or os.path.join(workdir, "bpe.model")
+
+
+def train_bpe(cfg, workdir: str) -> None:
+    """Trains the caption BPE model on the token directory's train captions (paper §2.2).
+
+    Writes ``cfg.text.bpe_model`` or ``workdir/bpe.model``; skipped when the file exists.
+    A small corpus may support fewer pieces than ``text.vocab_size``; the smaller model
+    is then kept (the transformer's text vocabulary is read from the model file).
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    from dalle_jax.data.tokens import TokenSource
+    from dalle_jax.tokenizers import bpe
+
+    path = _bpe_path(cfg, workdir)
+    if os.path.exists(path):
+        logging.info("BPE model %s exists; skipping", path)
+        print(f"BPE model already trained: {path}")
+    elif jax.process_index() == 0:
+        source = TokenSource(str(cfg.data.tokens_dir), str(cfg.data.train_split))
+        bpe.train_bpe_from_source(source, path, vocab_size=int(cfg.text.vocab_size),
+                                  strict_vocab_size=False, seed=int(cfg.seed))
+        print(f"BPE model ({bpe.TextTokenizer(path).vocab_size} pieces) written to {path}")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("train_bpe")
+
+
+def train(cfg, workdir: str) -> None:
+    """Trains the transformer (stage 2) on pre-encoded tokens, then exports its EMA params.
+
+    Reads tokens from ``cfg.data.tokens_dir`` and the BPE model from ``cfg.text.bpe_model``
+    or ``workdir/bpe.model`` (``--job=train_bpe`` makes it). The export goes to
+    ``workdir/exports/step_N``; a run already exported at ``total_steps`` is skipped.
+    """
+    import jax
+
+    from dalle_jax import checkpoint as ckpt_lib
+    from dalle_jax.data import text_pipeline
+    from dalle_jax.tokenizers import bpe
+    from dalle_jax.train import lm_task, loop
+
+    total = int(cfg.total_steps)
+    export_dir = os.path.join(workdir, "exports", f"step_{total:07d}")
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
+        logging.info("transformer already trained to step %d (%s); skipping", total, export_dir)
+        print(f"transformer already trained: {export_dir}")
+        return
+    path = _bpe_path(cfg, workdir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no BPE model at {path!r}: run --job=train_bpe first or set "
+                                "--config.text.bpe_model")
+    tokenizer = bpe.TextTokenizer(path)
+    task = lm_task.make_task(cfg, workdir, tokenizer)
+    state = loop.train(cfg, workdir, task, lambda: text_pipeline.make_input(
+        cfg.data, cfg.text, tokenizer, cfg.data.train_split, train=True))
+    step = int(jax.device_get(state.step))
+    if step < total:  # stopped early (preemption): no export yet
+        return
+    ema = float(cfg.optim.ema_decay) > 0
+    params = state.ema_params if ema else state.params
+    ckpt_lib.export_params(export_dir, params, {"identity": task.identity, "step": step,
+                                                "ema": ema, "task": task.name})
+    print(f"transformer exported to {export_dir}")
+
+
 JOBS: dict[str, Callable] = {
     "encode": encode,
     "import_openai_dvae": import_openai_dvae,
     "prepare": prepare,
     "preview": preview,
+    "train": train,
+    "train_bpe": train_bpe,
     "train_dvae": train_dvae,
 }

@@ -18,6 +18,7 @@ VARIANTS = {
     "captions.py": ["name=mydata", "name=mydata,image_size=128,augment=none"],
     "dvae_shapes.py": ["", "size=tiny", "size=small", "size=tiny,steps=10,batch=8"],
     "dvae_paper.py": ["", "runlocal", "name=cc3m,batch=64"],
+    "dalle_shapes.py": ["", "size=tiny", "size=tiny,steps=10,batch=8,tokens=/tmp/tokens"],
 }
 
 

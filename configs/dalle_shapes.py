@@ -1,0 +1,55 @@
+"""Stage 2 on the built-in `shapes` dataset: a small transformer over pre-encoded tokens.
+
+  python -m dalle_jax.main --job=train_bpe --config=configs/dalle_shapes.py --workdir=runs/dalle
+  python -m dalle_jax.main --job=train     --config=configs/dalle_shapes.py --workdir=runs/dalle
+
+Args: size=tiny (width 128, depth 4, heads 4), steps=<override total steps>,
+batch=<global batch>, tokens=<token directory written by --job=encode; default
+runs/demo/dvae/tokens>.
+
+The paper's recipe (§2.2, App. B.2) scaled down: caption BPE with dropout 0.1, text loss
+weight 1/8 and image loss weight 7/8, the paper's attention-mask pattern, AdamW(0.9, 0.96)
+with weight decay 4.5e-2, gradient clipping at global norm 4, and an EMA of the
+parameters. Deviations, each because this run is a few thousand updates on synthetic
+captions: a BPE vocabulary of 512 instead of 16,384 (the captions use a few dozen words),
+16 text slots instead of 256, a peak learning rate of 1e-3 with cosine decay instead of
+4.5e-4 halved on plateaus, and an EMA decay of 0.99 applied every 25 steps.
+
+Results land in WORKDIR/metrics.jsonl and WORKDIR/exports/step_N.
+"""
+
+import common  # noqa: I001
+
+from dalle_jax import configlib
+
+# size -> (model shape, steps, global batch, peak learning rate)
+VARIANTS = {
+    "tiny": dict(width=128, depth=4, heads=4, steps=3000, batch=32, lr=1e-3),
+}
+
+
+def get_config(arg=None):
+    arg = configlib.parse_arg(arg, size="tiny", steps=0, batch=0, tokens="runs/demo/dvae/tokens")
+    configlib.check_choice("size", arg.size, VARIANTS)
+    v = VARIANTS[arg.size]
+    steps = arg.steps or v["steps"]
+    c = common.mlc.ConfigDict()
+    c.seed = 0
+    c.total_steps = steps
+    c.eval_every = max(1, steps // 5)
+    c.data = dict(tokens_dir=arg.tokens, train_split="train", eval_split="validation",
+                  global_batch_size=arg.batch or v["batch"], seed=0, worker_count=0)
+    # bpe_model "": WORKDIR/bpe.model, written by --job=train_bpe.
+    c.text = dict(vocab_size=512, text_len=16, dropout=0.1, bpe_model="")
+    c.model = dict(width=v["width"], depth=v["depth"], heads=v["heads"], mlp_ratio=4, dropout=0.0,
+                   attn_pattern="paper", conv_kernel=11, conv_kind="raster", remat="none",
+                   scan_layers=False, loss_text_weight=1 / 8)
+    c.optim = common.transformer_optim(peak=v["lr"], steps=steps, warmup=max(1, steps // 20),
+                                       end_value=v["lr"] / 50)
+    c.mesh = common.mesh()
+    c.sharding_rules = "dp"
+    c.precision = common.precision()
+    c.ckpt = common.checkpointing(every=max(1, steps // 4))
+    c.log = common.logging(every=50)
+    c.evals = dict(val=dict(num_batches=8))
+    return c

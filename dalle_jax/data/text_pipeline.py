@@ -1,0 +1,237 @@
+"""Stage-2 input pipeline: pre-encoded image tokens plus BPE-encoded caption slots.
+
+Reads a random-access source of token records (`dalle_jax.data.tokens.TokenSource`:
+``image_tokens`` int32 ``(G*G,)`` and ``caption``) and yields host-local batches::
+
+    text_tokens     int32 (B, T)   [BOS, bpe..., pad_p...] (see `TextTokenizer.encode_slots`)
+    image_tokens    int32 (B, I)
+    caption         object (B,)    the caption text
+    text_truncated  bool (B,)      the caption had more than T - 1 BPE tokens
+
+The order of operations and the checkpoint state are those of `dalle_jax.data.pipeline`
+(shard by process → reshuffle every epoch → repeat → per-example map → batch, all on
+grain ``MapDataset``s), whose iteration and restore machinery this module reuses. The
+per-example map is BPE encoding with BPE-dropout (paper §2.2 / App. B.2: rate 0.1)
+seeded by ``(seed, epoch, record key)`` only, so a caption's segmentation does not
+depend on the batch size, the process count, the shuffle or the worker count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from dalle_jax.data import pipeline as image_pipeline
+from dalle_jax.data.pipeline import _collate, _decode_text, _shard_bounds, _shuffle_seed
+
+_STATE_VERSION = 1
+# Settings a restored state must agree with (see `pipeline._STATE_FINGERPRINT`); the
+# tokenizer's hash is included because another BPE model gives other text tokens.
+_STATE_FINGERPRINT = (
+    "kind",
+    "num_records",
+    "shard_count",
+    "shard_drop_remainder",
+    "global_batch_size",
+    "text_len",
+    "bpe_dropout",
+    "tokenizer_sha256",
+    "seed",
+    "shuffle",
+    "num_epochs",
+    "drop_remainder",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextPipelineConfig:
+    """Settings of the stage-2 pipeline.
+
+    Attributes:
+        global_batch_size: examples per step over all processes.
+        text_len: text slots ``T`` per example.
+        bpe_dropout: BPE-dropout rate (training: 0.1 as in the paper; evaluation: 0).
+        seed: seeds the shuffle and the dropout; in ``[0, 2**32)``.
+        shuffle: reshuffle the shard every epoch.
+        num_epochs: passes over the data; None repeats forever.
+        worker_count: grain worker processes (0: in this process); output is unchanged.
+        drop_remainder: drop a final partial batch (finite epochs only).
+        read_threads: threads building batches ahead of time.
+        prefetch_batches: batches kept ready ahead of time.
+    """
+
+    global_batch_size: int
+    text_len: int
+    bpe_dropout: float = 0.0
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    worker_count: int = 0
+    drop_remainder: bool = True
+    read_threads: int = 2
+    prefetch_batches: int = 2
+
+    def __post_init__(self):
+        if self.global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {self.global_batch_size}")
+        if self.text_len < 2:
+            raise ValueError(f"text_len must be >= 2, got {self.text_len}")
+        if not 0.0 <= self.bpe_dropout < 1.0:
+            raise ValueError(f"bpe_dropout must be in [0, 1), got {self.bpe_dropout}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive or None, got {self.num_epochs}")
+        if self.worker_count < 0 or self.read_threads < 0 or self.prefetch_batches < 0:
+            raise ValueError("worker_count, read_threads and prefetch_batches must be >= 0")
+
+
+class _EncodeExample:
+    """Reads one token record and encodes its caption (module level, so it pickles)."""
+
+    def __init__(self, source: Any, tokenizer: Any, cfg: TextPipelineConfig, shard_len: int):
+        self._source = source
+        self._tokenizer = tokenizer
+        self._text_len = cfg.text_len
+        self._dropout = cfg.bpe_dropout
+        self._seed = cfg.seed
+        self._shard_len = shard_len
+
+    def __call__(self, index: int, record_key: int) -> dict[str, Any]:
+        # `index` runs over the repeated shard, so it gives the epoch: a caption gets a new
+        # segmentation each epoch (the point of BPE-dropout) but the same one on a rerun.
+        epoch = index // self._shard_len
+        record = self._source[int(record_key)]
+        caption = str(_decode_text(record["caption"]))
+        slots, info = self._tokenizer.encode_slots(
+            caption, text_len=self._text_len, dropout=self._dropout,
+            rng_seed=(self._seed, epoch, int(record_key)) if self._dropout > 0 else None)
+        return {
+            "text_tokens": slots,
+            "image_tokens": np.asarray(record["image_tokens"], np.int32),
+            "caption": caption,
+            "text_truncated": np.bool_(info["truncated"]),
+        }
+
+
+class TextPipeline(image_pipeline.Pipeline):
+    """Iterator over stage-2 host batches with a JSON-serialisable checkpoint state.
+
+    Iteration, ``get_state``, ``close`` and the context manager come from
+    `dalle_jax.data.pipeline.Pipeline`; only the per-example map and the fingerprint differ.
+    """
+
+    def __init__(self, source: Any, tokenizer: Any, cfg: TextPipelineConfig,
+                 shard_options: grain.sharding.ShardOptions):
+        num_records = len(source)
+        if cfg.global_batch_size % shard_options.shard_count:
+            raise ValueError(
+                f"global_batch_size {cfg.global_batch_size} is not divisible by the "
+                f"process (shard) count {shard_options.shard_count}")
+        start, end = _shard_bounds(num_records, shard_options)
+        if end <= start:
+            raise ValueError(
+                f"shard {shard_options.shard_index}/{shard_options.shard_count} of a "
+                f"source with {num_records} records is empty")
+        self.config = cfg
+        self.shard_options = shard_options
+        self.local_batch_size = cfg.global_batch_size // shard_options.shard_count
+
+        keys = grain.MapDataset.range(start, end)
+        if cfg.shuffle:
+            keys = keys.shuffle(seed=_shuffle_seed(cfg.seed))
+        examples = keys.repeat(cfg.num_epochs).map_with_index(
+            _EncodeExample(source, tokenizer, cfg, end - start))
+        self._batches = examples.batch(
+            self.local_batch_size, drop_remainder=cfg.drop_remainder, batch_fn=_collate)
+        self._fingerprint = {
+            "kind": "text",
+            "num_records": num_records,
+            "shard_count": shard_options.shard_count,
+            "shard_drop_remainder": bool(shard_options.drop_remainder),
+            "global_batch_size": cfg.global_batch_size,
+            "text_len": cfg.text_len,
+            "bpe_dropout": cfg.bpe_dropout,
+            "tokenizer_sha256": str(getattr(tokenizer, "sha256", "")),
+            "seed": cfg.seed,
+            "shuffle": cfg.shuffle,
+            "num_epochs": cfg.num_epochs,
+            "drop_remainder": cfg.drop_remainder,
+        }
+        self._next_batch = 0
+        self._iterator = None
+
+    def get_state(self) -> dict[str, Any]:
+        """The next batch's position and the settings; the same dict on every process."""
+        return {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._fingerprint}
+
+    def set_state(self, state: Mapping[str, Any] | str | bytes) -> None:
+        """Restores a ``get_state`` result (dict or JSON); the next batch is then exact.
+
+        Raises:
+            ValueError: the state is from a pipeline with other data, sharding, batch
+                size, tokenizer or randomness settings.
+        """
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported text pipeline state version {state.get('version')!r}")
+        mismatched = {key: (state.get(key), self._fingerprint[key])
+                      for key in _STATE_FINGERPRINT if state.get(key) != self._fingerprint[key]}
+        if mismatched:
+            raise ValueError(
+                f"pipeline state does not match this pipeline (saved, current): {mismatched}")
+        self.close()
+        self._next_batch = int(state["next_batch"])
+
+
+def make_text_pipeline(
+    source: Any,
+    tokenizer: Any,
+    cfg: TextPipelineConfig,
+    *,
+    shard_options: grain.sharding.ShardOptions | None = None,
+) -> TextPipeline:
+    """Builds the stage-2 pipeline for this process.
+
+    Args:
+        source: random-access token records (``image_tokens``, ``caption``).
+        tokenizer: a `TextTokenizer`.
+        cfg: pipeline settings.
+        shard_options: defaults to ``ShardByJaxProcess(drop_remainder=True)`` (call after
+            ``jax.distributed.initialize``); tests pass ``ShardOptions(i, n)``.
+    """
+    if shard_options is None:
+        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    return TextPipeline(source, tokenizer, cfg, shard_options)
+
+
+def make_input(data_cfg: Any, text_cfg: Any, tokenizer: Any, split: str, *, train: bool,
+               num_epochs: int | None = None) -> TextPipeline:
+    """The pipeline of a run config's ``data`` and ``text`` sections for one split.
+
+    Training reshuffles, repeats forever and applies ``text.dropout``; evaluation reads
+    the split in order with dropout 0 (``num_epochs`` passes, default one).
+    """
+    from dalle_jax.data.tokens import TokenSource
+
+    source = TokenSource(str(data_cfg.tokens_dir), split)
+    cfg = TextPipelineConfig(
+        global_batch_size=int(data_cfg.global_batch_size),
+        text_len=int(text_cfg.text_len),
+        bpe_dropout=float(text_cfg.dropout) if train else 0.0,
+        seed=int(data_cfg.seed),
+        shuffle=train,
+        num_epochs=num_epochs if not train else None,
+        worker_count=int(data_cfg.worker_count) if train else 0,
+    )
+    if not train and cfg.num_epochs is None:
+        cfg = dataclasses.replace(cfg, num_epochs=1)
+    return make_text_pipeline(source, tokenizer, cfg)
+
+
+__all__ = ["TextPipeline", "TextPipelineConfig", "make_input", "make_text_pipeline"]

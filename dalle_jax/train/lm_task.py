@@ -1,0 +1,126 @@
+"""Stage 2 on the generic loop: the text + image transformer over pre-encoded tokens.
+
+The loss is paper §2.2's weighted cross-entropy, 1/8 on the text and 7/8 on the image
+tokens by default (``model.loss_text_weight``); captions get BPE-dropout 0.1 in training
+(App. B.2). Evaluation reports the same losses and accuracies on the eval split, without
+dropout and in file order, so successive evaluations see the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+
+from dalle_jax import sharding
+from dalle_jax.data import text_pipeline
+from dalle_jax.data.tokens import read_meta
+from dalle_jax.models import transformer
+from dalle_jax.train import loop
+
+# Fields that only choose how the model is computed, not what it is: a checkpoint may be
+# resumed with another value (the parameters are the same either way).
+_EXECUTION_FIELDS = ("dtype", "remat", "scan_layers")
+
+
+def model_config(cfg, tokenizer, token_meta: dict) -> transformer.TransformerConfig:
+    """The TransformerConfig of a run: sizes from the tokenizer and the token meta.
+
+    ``text_vocab`` is the BPE vocabulary plus one pad per text slot, ``image_vocab`` and
+    ``grid`` are the dVAE's (from ``meta.json`` of the token directory).
+    """
+    text_len = int(cfg.text.text_len)
+    fields = dict(cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else cfg.model)
+    for derived in ("text_vocab", "image_vocab", "text_len", "grid"):
+        if derived in fields:
+            raise ValueError(f"model.{derived} is derived from the tokenizer/token data; "
+                             "remove it from the config")
+    return transformer.TransformerConfig(
+        text_vocab=tokenizer.text_vocab_size(text_len),
+        image_vocab=int(token_meta["dvae"]["identity"]["vocab_size"]),
+        text_len=text_len,
+        grid=int(token_meta["dvae"]["grid"]),
+        dtype=str(cfg.precision.compute_dtype),
+        **fields,
+    )
+
+
+def identity(mcfg: transformer.TransformerConfig, tokenizer, token_meta: dict) -> dict:
+    """What a checkpoint of this stage must match: model, text tokenizer and dVAE."""
+    model = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in _EXECUTION_FIELDS}
+    return {"kind": "transformer", "model": model, "tokenizer": tokenizer.identity(),
+            "dvae": token_meta["dvae"]["identity"]}
+
+
+def make_task(cfg, workdir: str, tokenizer) -> loop.Task:
+    """The stage-2 `loop.Task` reading ``cfg.data.tokens_dir`` with ``tokenizer``."""
+    del workdir  # nothing is written besides what the loop writes
+    meta = read_meta(str(cfg.data.tokens_dir))
+    mcfg = model_config(cfg, tokenizer, meta)
+    model = transformer.Transformer(mcfg)
+    weight = float(mcfg.loss_text_weight)
+
+    def loss_fn(params, batch, rng, step):
+        del step
+        logits_text, logits_image = model.apply(
+            {"params": params}, batch["text_tokens"], batch["image_tokens"],
+            deterministic=False, rngs={"dropout": rng})
+        loss, metrics = transformer.loss_fn(logits_text, logits_image, batch["text_tokens"],
+                                            batch["image_tokens"], text_weight=weight)
+        metrics.pop("loss")  # the loop records the loss itself
+        return loss, metrics
+
+    evaluator = ValEvaluator(cfg, tokenizer, model) if int(cfg.evals.val.num_batches) > 0 else None
+    return loop.Task(
+        name="lm",
+        identity=identity(mcfg, tokenizer, meta),
+        init_variables=lambda rng: transformer.init_variables(mcfg, rng),
+        loss_fn=loss_fn,
+        device_batch=lambda b: {"text_tokens": b["text_tokens"], "image_tokens": b["image_tokens"]},
+        evaluate=evaluator,
+    )
+
+
+def _eval_batch(params, batch, *, model, weight):
+    logits_text, logits_image = model.apply({"params": params}, batch["text_tokens"],
+                                            batch["image_tokens"], deterministic=True)
+    _, metrics = transformer.loss_fn(logits_text, logits_image, batch["text_tokens"],
+                                     batch["image_tokens"], text_weight=weight)
+    return metrics
+
+
+class ValEvaluator:
+    """Validation loss and accuracies over the first ``evals.val.num_batches`` batches."""
+
+    def __init__(self, cfg, tokenizer, model: transformer.Transformer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.num_batches = int(cfg.evals.val.num_batches)
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.rules = sharding.get_rules(cfg.sharding_rules)
+        self._eval = jax.jit(functools.partial(
+            _eval_batch, model=model, weight=float(model.config.loss_text_weight)))
+
+    def __call__(self, params: Any, step: int) -> dict:
+        del step
+        it = text_pipeline.make_input(self.cfg.data, self.cfg.text, self.tokenizer,
+                                      self.cfg.data.eval_split, train=False)
+        totals: dict[str, float] = {}
+        n = 0
+        try:
+            for i, host in enumerate(it):
+                if i >= self.num_batches:
+                    break
+                spec = sharding.batch_spec(self.mesh, self.rules, 2)
+                sh = jax.sharding.NamedSharding(self.mesh, spec)
+                batch = {k: jax.make_array_from_process_local_data(sh, np.asarray(host[k]))
+                         for k in ("text_tokens", "image_tokens")}
+                for k, v in jax.device_get(self._eval(params, batch)).items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                n += 1
+        finally:
+            it.close()
+        return {k: v / n for k, v in totals.items()} if n else {}

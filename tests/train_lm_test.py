@@ -1,0 +1,181 @@
+"""Stage 2 end to end on a tiny hand-written token directory (no dVAE needed)."""
+
+import json
+import os
+
+import grain
+import jax
+import numpy as np
+import pytest
+from array_record.python import array_record_module
+
+from dalle_jax import checkpoint as ckpt_lib
+from dalle_jax import configlib, jobs
+from dalle_jax import metrics as metrics_lib
+from dalle_jax.data import text_pipeline, tokens
+from dalle_jax.tokenizers import bpe
+from dalle_jax.train import lm_task, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRID, IMAGE_VOCAB, TEXT_LEN = 2, 16, 8
+COLOURS = ["red", "green", "blue", "yellow", "white", "purple"]
+SHAPES = ["circle", "square", "triangle", "star"]
+
+
+def _write_split(out_dir, split, n, num_shards, rng):
+    per = -(-n // num_shards)
+    for s in range(num_shards):
+        path = tokens.shard_path(out_dir, split, s, num_shards)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        for i in range(s * per, min(n, (s + 1) * per)):
+            caption = (f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]} left of a "
+                       f"{COLOURS[(i // 2) % len(COLOURS)]} {SHAPES[(i // 3) % len(SHAPES)]}")
+            toks = rng.integers(0, IMAGE_VOCAB, GRID * GRID, dtype=np.int32)
+            writer.write(tokens.serialize({"image_tokens": toks, "caption": caption,
+                                           "label": np.int32(i)}))
+        writer.close()
+    return {"num_examples": n, "num_shards": num_shards, "shard_size": per}
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tokens"))
+    rng = np.random.default_rng(0)
+    splits = {"train": _write_split(d, "train", 40, 2, rng),
+              "validation": _write_split(d, "validation", 12, 1, rng)}
+    meta = {"dvae": {"identity": {"kind": "dvae", "vocab_size": IMAGE_VOCAB}, "grid": GRID},
+            "source": {"source": "test"}, "splits": splits}
+    with open(os.path.join(d, tokens.META_FILE), "w") as f:
+        json.dump(meta, f)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tokenizer(token_dir, tmp_path_factory):
+    path = bpe.train_bpe_from_source(tokens.TokenSource(token_dir, "train"),
+                                     str(tmp_path_factory.mktemp("bpe") / "bpe"),
+                                     vocab_size=300, strict_vocab_size=False)
+    return bpe.TextTokenizer(path)
+
+
+def _pcfg(**kw):
+    return text_pipeline.TextPipelineConfig(**dict(dict(global_batch_size=4, text_len=TEXT_LEN,
+                                                        bpe_dropout=0.1, seed=3), **kw))
+
+
+def _pipe(token_dir, tokenizer, shard=(0, 1), **kw):
+    return text_pipeline.make_text_pipeline(
+        tokens.TokenSource(token_dir, "train"), tokenizer, _pcfg(**kw),
+        shard_options=grain.sharding.ShardOptions(*shard, drop_remainder=True))
+
+
+def test_batches_have_the_documented_fields(token_dir, tokenizer):
+    batch = next(_pipe(token_dir, tokenizer))
+    assert batch["text_tokens"].dtype == np.int32 and batch["text_tokens"].shape == (4, TEXT_LEN)
+    assert batch["image_tokens"].dtype == np.int32 and batch["image_tokens"].shape == (4, GRID**2)
+    assert batch["caption"].dtype == object and isinstance(batch["caption"][0], str)
+    assert batch["text_truncated"].dtype == bool and batch["text_truncated"].any()
+    assert (batch["text_tokens"][:, 0] == bpe.BOS_ID).all()
+
+
+def test_two_processes_cover_an_epoch_without_overlap(token_dir, tokenizer):
+    seen = []
+    for i in range(2):
+        # 40 records, 2 shards of 20, local batch 2: one epoch is 10 batches per process.
+        it = _pipe(token_dir, tokenizer, shard=(i, 2))
+        assert it.local_batch_size == 2
+        labels = np.concatenate([next(it)["caption"] for _ in range(10)])
+        seen.append(labels)
+    src = tokens.TokenSource(token_dir, "train")
+    all_caps = sorted(src[i]["caption"] for i in range(len(src)))
+    assert sorted(np.concatenate(seen).tolist()) == all_caps
+
+
+def test_bpe_dropout_is_deterministic_and_epoch_dependent(token_dir, tokenizer):
+    a = [next(it)["text_tokens"] for it in [_pipe(token_dir, tokenizer)] for _ in range(20)]
+    b = [next(it)["text_tokens"] for it in [_pipe(token_dir, tokenizer)] for _ in range(20)]
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+    clean = [next(it)["text_tokens"] for it in [_pipe(token_dir, tokenizer, bpe_dropout=0.0)]
+             for _ in range(10)]
+    assert not np.array_equal(np.stack(a[:10]), np.stack(clean))  # dropout changes segmentation
+    # In file order, epoch 1 repeats epoch 0's records with a fresh segmentation.
+    ordered = _pipe(token_dir, tokenizer, shuffle=False)
+    ep = [np.stack([next(ordered)["text_tokens"] for _ in range(10)]) for _ in range(2)]
+    assert not np.array_equal(ep[0], ep[1])
+    # Evaluation settings: no dropout, file order.
+    ev = _pipe(token_dir, tokenizer, bpe_dropout=0.0, shuffle=False, num_epochs=1)
+    first = next(ev)
+    src = tokens.TokenSource(token_dir, "train")
+    expected, _ = tokenizer.encode_slots(src[0]["caption"], text_len=TEXT_LEN)
+    np.testing.assert_array_equal(first["text_tokens"][0], expected)
+    assert ev.num_batches == 10
+
+
+def test_state_restore_gives_the_same_next_batch(token_dir, tokenizer):
+    it = _pipe(token_dir, tokenizer)
+    for _ in range(13):  # into the second epoch
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = next(it)
+    other = _pipe(token_dir, tokenizer)
+    other.set_state(state)
+    got = next(other)
+    for k in ("text_tokens", "image_tokens", "caption", "text_truncated"):
+        np.testing.assert_array_equal(got[k], expected[k])
+    with pytest.raises(ValueError, match="does not match"):
+        _pipe(token_dir, tokenizer, text_len=TEXT_LEN + 1).set_state(state)
+
+
+def _cfg(token_dir, tokenizer, total=2):
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_shapes.py")
+                                + f":steps={total},batch=8,tokens={token_dir}")
+    cfg.text.update(text_len=TEXT_LEN, bpe_model=tokenizer.path, vocab_size=300)
+    cfg.model.update(width=32, depth=2, heads=2, conv_kernel=3)
+    cfg.eval_every = 2
+    cfg.evals.val.num_batches = 2
+    cfg.ckpt.update(every_steps=1, async_save=False)
+    cfg.log.update(every_steps=1, progress_bar=False)
+    return cfg
+
+
+def test_train_resume_export_and_refuse_other_width(token_dir, tokenizer, tmp_path):
+    cfg = _cfg(token_dir, tokenizer)
+    straight = str(tmp_path / "straight")
+    jobs.train(cfg, straight)
+    export = os.path.join(straight, "exports", "step_0000002")
+    rows = metrics_lib.read_jsonl(os.path.join(straight, "metrics.jsonl"))
+    for k in ("train/loss", "train/loss_text", "train/loss_image", "train/acc_text",
+              "train/acc_image", "train/lr", "train/grad_norm", "eval/loss", "eval/loss_image"):
+        assert any(k in r for r in rows.values()), k
+
+    resumed = str(tmp_path / "resumed")
+    task = lm_task.make_task(cfg, resumed, tokenizer)
+    loop.train(cfg, resumed, task, lambda: text_pipeline.make_input(
+        cfg.data, cfg.text, tokenizer, "train", train=True), stop_at_step=1)
+    assert not os.path.exists(os.path.join(resumed, "exports"))
+    jobs.train(cfg, resumed)
+    a, meta = ckpt_lib.load_params(export)
+    b, _ = ckpt_lib.load_params(os.path.join(resumed, "exports", "step_0000002"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert meta["identity"]["model"]["width"] == 32
+    assert meta["identity"]["tokenizer"]["sha256"] == tokenizer.sha256
+    assert meta["identity"]["dvae"]["vocab_size"] == IMAGE_VOCAB
+
+    # Continuing the run with a wider model is refused.
+    cfg.total_steps = 3
+    cfg.model.width = 64
+    with pytest.raises(ValueError, match="(?s)different model.*width: checkpoint has 32"):
+        jobs.train(cfg, resumed)
+
+
+def test_train_bpe_job_writes_once(token_dir, tmp_path):
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_shapes.py")
+                                + f":tokens={token_dir}")
+    cfg.text.vocab_size = 300
+    jobs.train_bpe(cfg, str(tmp_path))
+    path = os.path.join(str(tmp_path), "bpe.model")
+    mtime = os.path.getmtime(path)
+    jobs.train_bpe(cfg, str(tmp_path))
+    assert os.path.getmtime(path) == mtime
+    assert bpe.TextTokenizer(path).vocab_size <= 300
