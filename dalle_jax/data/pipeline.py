@@ -41,23 +41,12 @@ from dalle_jax.data.augment import AUGMENTATIONS
 Batch = dict[str, Any]
 
 _STATE_VERSION = 1
-# Fields of the state that must match the pipeline a state is restored into: with any
-# of them different, "the next batch" would not be the batch the saved run would have
-# seen. worker_count is absent because it does not change the output, and shard_index
-# because all processes advance in lock step: one process's state (what a checkpoint
-# keeps) is valid on every process.
-_STATE_FINGERPRINT = (
-    "num_records",
-    "shard_count",
-    "shard_drop_remainder",
-    "global_batch_size",
-    "image_size",
-    "augment",
-    "seed",
-    "shuffle",
-    "num_epochs",
-    "drop_remainder",
-)
+# A state records the next batch's position plus every setting that decides the batch
+# sequence (the pipeline's "fingerprint"); restoring into a pipeline whose fingerprint
+# differs is refused, because "the next batch" would not be the one the saved run would
+# have seen. worker_count is absent because it does not change the output, and
+# shard_index because all processes advance in lock step: one process's state (what a
+# checkpoint keeps) is valid on every process.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,20 +81,25 @@ class PipelineConfig:
     prefetch_batches: int = 2
 
     def __post_init__(self):
-        if self.global_batch_size <= 0:
-            raise ValueError(f"global_batch_size must be positive, got {self.global_batch_size}")
+        check_common_settings(self)
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(
                 f"unknown augment {self.augment!r}; choose from {sorted(AUGMENTATIONS)}"
             )
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        if self.num_epochs is not None and self.num_epochs <= 0:
-            raise ValueError(f"num_epochs must be positive or None, got {self.num_epochs}")
-        if self.worker_count < 0 or self.read_threads < 0 or self.prefetch_batches < 0:
-            raise ValueError("worker_count, read_threads and prefetch_batches must be >= 0")
+
+
+def check_common_settings(cfg: Any) -> None:
+    """Validates the settings every pipeline config shares (batch, seed, epochs, workers)."""
+    if cfg.global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {cfg.global_batch_size}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {cfg.seed}")
+    if cfg.num_epochs is not None and cfg.num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive or None, got {cfg.num_epochs}")
+    if cfg.worker_count < 0 or cfg.read_threads < 0 or cfg.prefetch_batches < 0:
+        raise ValueError("worker_count, read_threads and prefetch_batches must be >= 0")
 
 
 def _shard_bounds(num_records: int, shard: grain.sharding.ShardOptions) -> tuple[int, int]:
@@ -189,7 +183,7 @@ class Pipeline:
     def __init__(
         self,
         source: Any,
-        cfg: PipelineConfig,
+        cfg: Any,
         shard_options: grain.sharding.ShardOptions,
     ):
         num_records = len(source)
@@ -212,7 +206,7 @@ class Pipeline:
         if cfg.shuffle:
             keys = keys.shuffle(seed=_shuffle_seed(cfg.seed))
         examples = keys.repeat(cfg.num_epochs).map_with_index(
-            _LoadAndAugment(source, cfg.augment, cfg.image_size, cfg.seed, end - start)
+            self._example_fn(source, cfg, end - start)
         )
         self._batches = examples.batch(
             self.local_batch_size, drop_remainder=cfg.drop_remainder, batch_fn=_collate
@@ -222,15 +216,23 @@ class Pipeline:
             "shard_count": shard_options.shard_count,
             "shard_drop_remainder": bool(shard_options.drop_remainder),
             "global_batch_size": cfg.global_batch_size,
-            "image_size": cfg.image_size,
-            "augment": cfg.augment,
             "seed": cfg.seed,
             "shuffle": cfg.shuffle,
             "num_epochs": cfg.num_epochs,
             "drop_remainder": cfg.drop_remainder,
+            **self._settings(cfg),
         }
         self._next_batch = 0
         self._iterator: Iterator[Batch] | None = None
+
+    # The two hooks a pipeline over another kind of record overrides.
+    def _example_fn(self, source: Any, cfg: Any, shard_len: int):
+        """``(index, record_key) -> example``; module-level callable so workers can pickle it."""
+        return _LoadAndAugment(source, cfg.augment, cfg.image_size, cfg.seed, shard_len)
+
+    def _settings(self, cfg: Any) -> dict[str, Any]:
+        """Record-specific settings that change the batches (part of the fingerprint)."""
+        return {"image_size": cfg.image_size, "augment": cfg.augment}
 
     @property
     def num_batches(self) -> int | None:
@@ -286,16 +288,16 @@ class Pipeline:
 
         Raises:
             ValueError: the state comes from a pipeline with different data, sharding,
-                batch size or randomness settings.
+                batch size, randomness or record settings (the fingerprint).
         """
         if isinstance(state, (str, bytes)):
             state = json.loads(state)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported pipeline state version {state.get('version')!r}")
         mismatched = {
-            key: (state.get(key), self._fingerprint[key])
-            for key in _STATE_FINGERPRINT
-            if state.get(key) != self._fingerprint[key]
+            key: (state.get(key), value)
+            for key, value in self._fingerprint.items()
+            if state.get(key) != value
         }
         if mismatched:
             raise ValueError(

@@ -19,32 +19,14 @@ depend on the batch size, the process count, the shuffle or the worker count.
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any, Mapping
+from typing import Any
 
 import grain
 import numpy as np
 
 from dalle_jax.data import pipeline as image_pipeline
-from dalle_jax.data.pipeline import _collate, _decode_text, _shard_bounds, _shuffle_seed
+from dalle_jax.data.pipeline import _decode_text
 
-_STATE_VERSION = 1
-# Settings a restored state must agree with (see `pipeline._STATE_FINGERPRINT`); the
-# tokenizer's hash is included because another BPE model gives other text tokens.
-_STATE_FINGERPRINT = (
-    "kind",
-    "num_records",
-    "shard_count",
-    "shard_drop_remainder",
-    "global_batch_size",
-    "text_len",
-    "bpe_dropout",
-    "tokenizer_sha256",
-    "seed",
-    "shuffle",
-    "num_epochs",
-    "drop_remainder",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +58,11 @@ class TextPipelineConfig:
     prefetch_batches: int = 2
 
     def __post_init__(self):
-        if self.global_batch_size <= 0:
-            raise ValueError(f"global_batch_size must be positive, got {self.global_batch_size}")
+        image_pipeline.check_common_settings(self)
         if self.text_len < 2:
             raise ValueError(f"text_len must be >= 2, got {self.text_len}")
         if not 0.0 <= self.bpe_dropout < 1.0:
             raise ValueError(f"bpe_dropout must be in [0, 1), got {self.bpe_dropout}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        if self.num_epochs is not None and self.num_epochs <= 0:
-            raise ValueError(f"num_epochs must be positive or None, got {self.num_epochs}")
-        if self.worker_count < 0 or self.read_threads < 0 or self.prefetch_batches < 0:
-            raise ValueError("worker_count, read_threads and prefetch_batches must be >= 0")
 
 
 class _EncodeExample:
@@ -121,72 +96,27 @@ class _EncodeExample:
 class TextPipeline(image_pipeline.Pipeline):
     """Iterator over stage-2 host batches with a JSON-serialisable checkpoint state.
 
-    Iteration, ``get_state``, ``close`` and the context manager come from
-    `dalle_jax.data.pipeline.Pipeline`; only the per-example map and the fingerprint differ.
+    Sharding, shuffling, batching, iteration and the checkpoint state come from
+    `dalle_jax.data.pipeline.Pipeline`; only the per-example map and the record settings
+    in the fingerprint differ.
     """
 
     def __init__(self, source: Any, tokenizer: Any, cfg: TextPipelineConfig,
                  shard_options: grain.sharding.ShardOptions):
-        num_records = len(source)
-        if cfg.global_batch_size % shard_options.shard_count:
-            raise ValueError(
-                f"global_batch_size {cfg.global_batch_size} is not divisible by the "
-                f"process (shard) count {shard_options.shard_count}")
-        start, end = _shard_bounds(num_records, shard_options)
-        if end <= start:
-            raise ValueError(
-                f"shard {shard_options.shard_index}/{shard_options.shard_count} of a "
-                f"source with {num_records} records is empty")
-        self.config = cfg
-        self.shard_options = shard_options
-        self.local_batch_size = cfg.global_batch_size // shard_options.shard_count
+        self._tokenizer = tokenizer
+        super().__init__(source, cfg, shard_options)
 
-        keys = grain.MapDataset.range(start, end)
-        if cfg.shuffle:
-            keys = keys.shuffle(seed=_shuffle_seed(cfg.seed))
-        examples = keys.repeat(cfg.num_epochs).map_with_index(
-            _EncodeExample(source, tokenizer, cfg, end - start))
-        self._batches = examples.batch(
-            self.local_batch_size, drop_remainder=cfg.drop_remainder, batch_fn=_collate)
-        self._fingerprint = {
+    def _example_fn(self, source: Any, cfg: TextPipelineConfig, shard_len: int):
+        return _EncodeExample(source, self._tokenizer, cfg, shard_len)
+
+    def _settings(self, cfg: TextPipelineConfig) -> dict[str, Any]:
+        # The tokenizer's hash is included: another BPE model gives other text tokens.
+        return {
             "kind": "text",
-            "num_records": num_records,
-            "shard_count": shard_options.shard_count,
-            "shard_drop_remainder": bool(shard_options.drop_remainder),
-            "global_batch_size": cfg.global_batch_size,
             "text_len": cfg.text_len,
             "bpe_dropout": cfg.bpe_dropout,
-            "tokenizer_sha256": str(getattr(tokenizer, "sha256", "")),
-            "seed": cfg.seed,
-            "shuffle": cfg.shuffle,
-            "num_epochs": cfg.num_epochs,
-            "drop_remainder": cfg.drop_remainder,
+            "tokenizer_sha256": str(getattr(self._tokenizer, "sha256", "")),
         }
-        self._next_batch = 0
-        self._iterator = None
-
-    def get_state(self) -> dict[str, Any]:
-        """The next batch's position and the settings; the same dict on every process."""
-        return {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._fingerprint}
-
-    def set_state(self, state: Mapping[str, Any] | str | bytes) -> None:
-        """Restores a ``get_state`` result (dict or JSON); the next batch is then exact.
-
-        Raises:
-            ValueError: the state is from a pipeline with other data, sharding, batch
-                size, tokenizer or randomness settings.
-        """
-        if isinstance(state, (str, bytes)):
-            state = json.loads(state)
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported text pipeline state version {state.get('version')!r}")
-        mismatched = {key: (state.get(key), self._fingerprint[key])
-                      for key in _STATE_FINGERPRINT if state.get(key) != self._fingerprint[key]}
-        if mismatched:
-            raise ValueError(
-                f"pipeline state does not match this pipeline (saved, current): {mismatched}")
-        self.close()
-        self._next_batch = int(state["next_batch"])
 
 
 def make_text_pipeline(
