@@ -89,34 +89,52 @@ def latest_export(workdir: str) -> str | None:
     return os.path.join(d, f"step_{steps[-1]:07d}") if steps else None
 
 
+def _train_then_export(cfg, workdir: str, what: str, run_training: Callable,
+                       export: Callable) -> None:
+    """Shared by both stages: train to ``cfg.total_steps``, then export the (EMA) params.
+
+    Skipped when ``workdir/exports/step_N`` (N = total_steps) already exists, so rerunning
+    costs nothing; a run stopped early (preemption) resumes later and exports nothing yet.
+    ``run_training()`` returns the final train state; ``export(dir, params, step, ema)``
+    writes the export.
+    """
+    import jax
+
+    total = int(cfg.total_steps)
+    export_dir = os.path.join(workdir, "exports", f"step_{total:07d}")
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
+        logging.info("%s already trained to step %d (%s); skipping", what, total, export_dir)
+        print(f"{what} already trained: {export_dir}")
+        return
+    state = run_training()
+    step = int(jax.device_get(state.step))
+    if step < total:
+        return
+    ema = float(cfg.optim.ema_decay) > 0
+    export(export_dir, state.ema_params if ema else state.params, step, ema)
+    print(f"{what} exported to {export_dir}")
+
+
 def train_dvae(cfg, workdir: str) -> None:
     """Trains the dVAE (stage 1), then exports its EMA params to ``workdir/exports/step_N``.
 
     A run whose last checkpoint already reached ``total_steps`` and has an export is
     skipped, so rerunning the demo costs nothing.
     """
-    import jax
-
     from dalle_jax.data import sources
     from dalle_jax.tokenizers import params_io
     from dalle_jax.train import dvae_task, loop
 
-    total = int(cfg.total_steps)
-    export_dir = os.path.join(workdir, "exports", f"step_{total:07d}")
-    if os.path.isdir(export_dir) and os.listdir(export_dir):
-        logging.info("dVAE already trained to step %d (%s); skipping", total, export_dir)
-        print(f"dVAE already trained: {export_dir}")
-        return
-    task = dvae_task.make_task(cfg, workdir)
-    state = loop.train(cfg, workdir, task,
-                       lambda: sources.make_input(cfg.data, cfg.data.train_split, train=True))
-    step = int(jax.device_get(state.step))
-    if step < total:  # stopped early (preemption): no export yet
-        return
-    params = state.ema_params if float(cfg.optim.ema_decay) > 0 else state.params
-    params_io.save_params(export_dir, dvae_task.model_config(cfg), params, step=step,
-                          source="trained", ema=float(cfg.optim.ema_decay) > 0)
-    print(f"dVAE exported to {export_dir}")
+    def run_training():
+        task = dvae_task.make_task(cfg, workdir)
+        return loop.train(cfg, workdir, task,
+                          lambda: sources.make_input(cfg.data, cfg.data.train_split, train=True))
+
+    def export(export_dir, params, step, ema):
+        params_io.save_params(export_dir, dvae_task.model_config(cfg), params, step=step,
+                              source="trained", ema=ema)
+
+    _train_then_export(cfg, workdir, "dVAE", run_training, export)
 
 
 def encode(cfg, workdir: str) -> None:
@@ -195,35 +213,29 @@ def train(cfg, workdir: str) -> None:
     or ``workdir/bpe.model`` (``--job=train_bpe`` makes it). The export goes to
     ``workdir/exports/step_N``; a run already exported at ``total_steps`` is skipped.
     """
-    import jax
-
     from dalle_jax import checkpoint as ckpt_lib
     from dalle_jax.data import text_pipeline
     from dalle_jax.tokenizers import bpe
     from dalle_jax.train import lm_task, loop
 
-    total = int(cfg.total_steps)
-    export_dir = os.path.join(workdir, "exports", f"step_{total:07d}")
-    if os.path.isdir(export_dir) and os.listdir(export_dir):
-        logging.info("transformer already trained to step %d (%s); skipping", total, export_dir)
-        print(f"transformer already trained: {export_dir}")
-        return
-    path = _bpe_path(cfg, workdir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no BPE model at {path!r}: run --job=train_bpe first or set "
-                                "--config.text.bpe_model")
-    tokenizer = bpe.TextTokenizer(path)
-    task = lm_task.make_task(cfg, workdir, tokenizer)
-    state = loop.train(cfg, workdir, task, lambda: text_pipeline.make_input(
-        cfg.data, cfg.text, tokenizer, cfg.data.train_split, train=True))
-    step = int(jax.device_get(state.step))
-    if step < total:  # stopped early (preemption): no export yet
-        return
-    ema = float(cfg.optim.ema_decay) > 0
-    params = state.ema_params if ema else state.params
-    ckpt_lib.export_params(export_dir, params, {"identity": task.identity, "step": step,
-                                                "ema": ema, "task": task.name})
-    print(f"transformer exported to {export_dir}")
+    task = None
+
+    def run_training():
+        nonlocal task
+        path = _bpe_path(cfg, workdir)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no BPE model at {path!r}: run --job=train_bpe first or "
+                                    "set --config.text.bpe_model")
+        tokenizer = bpe.TextTokenizer(path)
+        task = lm_task.make_task(cfg, workdir, tokenizer)
+        return loop.train(cfg, workdir, task, lambda: text_pipeline.make_input(
+            cfg.data, cfg.text, tokenizer, cfg.data.train_split, train=True))
+
+    def export(export_dir, params, step, ema):
+        ckpt_lib.export_params(export_dir, params, {"identity": task.identity, "step": step,
+                                                    "ema": ema, "task": task.name})
+
+    _train_then_export(cfg, workdir, "transformer", run_training, export)
 
 
 JOBS: dict[str, Callable] = {
