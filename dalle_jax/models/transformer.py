@@ -55,12 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax.models import masks
+from dalle_jax.models import attention, masks
 
 PyTree = Any
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _REMAT = ("none", "full", "dots")
+_ATTENTION = ("structured", "dense")
 _CONV_KINDS = ("raster", "2d")
 
 # Sparse Transformer §6 init: N(0, 0.125/sqrt(d_in)) weights, embeddings alike (spec §2.3).
@@ -100,6 +101,10 @@ class TransformerConfig:
         conv_kernel: window side of the convolutional mask (paper: 11).
         conv_kind: ``"raster"`` (spec §2.4 reading B) or ``"2d"`` (reading A) for ``conv``.
         dtype: compute dtype of the resblock matmuls.
+        attention: ``"structured"`` (`attention.attend_structured`: only the logits a
+            layer's mask can allow are computed, so row/column/conv layers cost a fraction
+            of a dense one) or ``"dense"`` (every ``L x L`` logit, then the mask). Both give
+            the same result; the choice only changes the cost.
         remat: ``"none"``, ``"full"`` (recompute each layer in the backward pass, paper §2.4)
             or ``"dots"`` (keep the weight matmul outputs, recompute the rest).
         scan_layers: run the layer stack with ``lax.scan`` (compiles one layer) instead of a
@@ -121,6 +126,7 @@ class TransformerConfig:
     conv_kernel: int = masks.PAPER_CONV_KERNEL
     conv_kind: str = "raster"
     dtype: str = "float32"
+    attention: str = "structured"
     remat: str = "none"
     scan_layers: bool = False
     loss_text_weight: float = 1 / 8
@@ -146,6 +152,8 @@ class TransformerConfig:
             raise ValueError(f"conv_kernel must be a positive odd number, got {self.conv_kernel}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if self.attention not in _ATTENTION:
+            raise ValueError(f"attention must be one of {_ATTENTION}, got {self.attention!r}")
         if self.remat not in _REMAT:
             raise ValueError(f"remat must be one of {_REMAT}, got {self.remat!r}")
         if not 0.0 <= self.loss_text_weight <= 1.0:
@@ -253,6 +261,35 @@ def loss_fn(logits_text_BTV: jax.Array, logits_image_BIC: jax.Array, text_BT: ja
     return loss, metrics
 
 
+# ----------------------------------------------------------------------------- embeddings
+
+
+def embed_text(text_embed: jax.Array, text_pos: jax.Array, text_BT: jax.Array,
+               start: int | jax.Array = 0) -> jax.Array:
+    """Float32 embeddings of text slots ``start .. start+T'-1``: token plus slot position."""
+    pos_TD = jax.lax.dynamic_slice_in_dim(text_pos, start, text_BT.shape[1], axis=0)
+    return jnp.take(text_embed, text_BT, axis=0) + pos_TD
+
+
+def image_positions(row_embed: jax.Array, col_embed: jax.Array) -> jax.Array:
+    """``(I, D)`` position embedding of every image cell: row plus column (App. B.1).
+
+    Cell ``k`` is ``(k // G, k % G)`` in raster order ("broadcasted row and column
+    embeddings").
+    """
+    g, d = row_embed.shape
+    return (row_embed[:, None, :] + col_embed[None, :, :]).reshape(g * g, d)
+
+
+def embed_image(image_embed: jax.Array, row_embed: jax.Array, col_embed: jax.Array,
+                image_in_BI: jax.Array, start: int | jax.Array = 0) -> jax.Array:
+    """Float32 embeddings of image slots ``start .. start+I'-1`` from their input ids
+    (``BOI`` or the previous cell's token)."""
+    pos_ID = jax.lax.dynamic_slice_in_dim(image_positions(row_embed, col_embed), start,
+                                          image_in_BI.shape[1], axis=0)
+    return jnp.take(image_embed, image_in_BI, axis=0) + pos_ID
+
+
 # ----------------------------------------------------------------------------- layer functions
 
 
@@ -281,31 +318,31 @@ def qkv_projection(p: dict, h_BLD: jax.Array,
     return tuple(_constrain(a, _HEAD_AXES) for a in qkv)
 
 
-def attend(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
-           mask_QS: jax.Array) -> jax.Array:
-    """Dense masked attention ``(B, Q, H, K)``: mask applied to fp32 logits, fp32 softmax.
-
-    ``mask_QS[q, s]`` allows query ``q`` to see key ``s``; a cached decode step passes the
-    mask rows of its query slots against the cached keys.
-    """
-    scale = q_BQHK.shape[-1] ** -0.5  # ST §5.2: scaled dot-product, 1/sqrt(d_head)
-    logits_BHQS = jnp.einsum("bqhk,bshk->bhqs", q_BQHK * jnp.asarray(scale, q_BQHK.dtype),
-                             k_BSHK, preferred_element_type=jnp.float32)
-    logits_BHQS = jnp.where(mask_QS, logits_BHQS, _MASKED)
-    probs_BHQS = jax.nn.softmax(logits_BHQS, axis=-1)
-    out_BQHK = jnp.einsum("bhqs,bshk->bqhk", probs_BHQS.astype(v_BSHK.dtype), v_BSHK)
-    return _constrain(out_BQHK, _HEAD_AXES)
+# Dense masked attention ``(B, Q, H, K)`` (mask on fp32 logits, fp32 softmax).
+# ``mask_QS[q, s]`` allows query ``q`` to see key ``s``; a cached decode step passes the
+# mask rows of its query slots against the cached keys.
+attend = attention.dense_attend
 
 
-def attention_branch(p: dict, x_BLD: jax.Array, mask_LL: jax.Array,
+def attention_branch(p: dict, x_BLD: jax.Array, kind: str,
                      config: TransformerConfig) -> jax.Array:
-    """``attention(norm(x))`` of one layer (ST §5.2), returned in float32."""
+    """``attention(norm(x))`` of one layer with mask ``kind`` (ST §5.2), in float32."""
     dt = config.compute_dtype
     h_BLD = layer_norm(x_BLD, p["ln1_scale"], p["ln1_bias"])
     q, k, v = qkv_projection(p, h_BLD, dt)
-    out_BLHK = attend(q, k, v, mask_LL)
-    y_BLD = jnp.einsum("blhk,hkd->bld", out_BLHK, p["out_kernel"].astype(dt))
-    y_BLD = y_BLD + p["out_bias"].astype(dt)
+    if config.attention == "structured":
+        out_BLHK = attention.attend_structured(q, k, v, kind=kind, text_len=config.text_len,
+                                               grid=config.grid, kernel=config.conv_kernel)
+    else:
+        mask_LL = masks.mask(config.text_len, config.grid, kind, kernel=config.conv_kernel)
+        out_BLHK = attend(q, k, v, jnp.asarray(mask_LL))
+    return attention_output(p, out_BLHK, dt)
+
+
+def attention_output(p: dict, out_BLHK: jax.Array, dtype: Any) -> jax.Array:
+    """The attention output projection ``W_p``, returned in float32 ``(B, L, D)``."""
+    y_BLD = jnp.einsum("blhk,hkd->bld", out_BLHK, p["out_kernel"].astype(dtype))
+    y_BLD = y_BLD + p["out_bias"].astype(dtype)
     return _constrain(y_BLD.astype(jnp.float32), _X_AXES)
 
 
@@ -327,11 +364,12 @@ def _dropout(y: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, y / (1.0 - rate), 0.0)
 
 
-def layer_forward(p: dict, x_BLD: jax.Array, mask_LL: jax.Array, key: jax.Array | None,
-                  *, config: TransformerConfig) -> jax.Array:
-    """One layer: two pre-LN resblocks on the float32 residual stream (ST §5.2)."""
+def layer_forward(p: dict, x_BLD: jax.Array, key: jax.Array | None, *, kind: str,
+                  config: TransformerConfig) -> jax.Array:
+    """One layer with mask ``kind``: two pre-LN resblocks on the float32 residual stream
+    (ST §5.2)."""
     k_attn, k_mlp = (None, None) if key is None else tuple(jax.random.split(key))
-    x_BLD = x_BLD + _dropout(attention_branch(p, x_BLD, mask_LL, config), config.dropout, k_attn)
+    x_BLD = x_BLD + _dropout(attention_branch(p, x_BLD, kind, config), config.dropout, k_attn)
     x_BLD = x_BLD + _dropout(mlp_branch(p, x_BLD, config), config.dropout, k_mlp)
     return _constrain(x_BLD, _X_AXES)
 
@@ -477,37 +515,38 @@ class Transformer(nn.Module):
 
     def embed(self, text_BT: jax.Array, image_in_BI: jax.Array) -> jax.Array:
         """Float32 slot embeddings ``(B, L, D)`` (paper App. B.1, Fig. 10)."""
-        c = self.config
-        text_BTD = jnp.take(self.text_embed, text_BT, axis=0) + self.text_pos
-        # App. B.1: "broadcasted row and column embeddings" for the image part; cell k is
-        # (k // G, k % G) in raster order.
-        pos_ID = (self.row_embed[:, None, :] + self.col_embed[None, :, :]).reshape(
-            c.image_len, c.width)
-        image_BID = jnp.take(self.image_embed, image_in_BI, axis=0) + pos_ID
+        text_BTD = embed_text(self.text_embed, self.text_pos, text_BT)
+        image_BID = embed_image(self.image_embed, self.row_embed, self.col_embed, image_in_BI)
         return _constrain(jnp.concatenate([text_BTD, image_BID], axis=1), _X_AXES)
 
     def encode(self, x_BLD: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """The layer stack and the final LayerNorm: ``(B, L, D) -> (B, L, D)`` float32."""
         c = self.config
         params = self.layers()
-        table_NLL, index = layer_masks(c)
-        masks_NLL = jnp.asarray(table_NLL)
+        kinds = c.layer_kinds()
+        distinct = tuple(dict.fromkeys(kinds))
         keys = None
         if c.dropout > 0.0 and not deterministic:
             keys = jax.random.split(self.make_rng("dropout"), c.depth)
-        layer = _remat(functools.partial(layer_forward, config=c), c)
+        # One (rematerialised) layer function per distinct mask kind.
+        layer = {k: _remat(functools.partial(layer_forward, kind=k, config=c), c)
+                 for k in distinct}
         x_BLD = x_BLD.astype(jnp.float32)
         if c.scan_layers:
+            branches = [layer[k] for k in distinct]
+            index = jnp.asarray([distinct.index(k) for k in kinds], jnp.int32)
+
             def body(x, xs):
                 p_l, kind_l, key_l = xs
-                return layer(p_l, x, masks_NLL[kind_l], key_l), None
+                if len(branches) == 1:
+                    return branches[0](p_l, x, key_l), None
+                return jax.lax.switch(kind_l, branches, p_l, x, key_l), None
 
-            x_BLD, _ = jax.lax.scan(body, x_BLD, (params, jnp.asarray(index), keys))
+            x_BLD, _ = jax.lax.scan(body, x_BLD, (params, index, keys))
         else:
             for l in range(c.depth):
                 p_l = jax.tree.map(lambda a: a[l], params)
-                x_BLD = layer(p_l, x_BLD, masks_NLL[int(index[l])],
-                              None if keys is None else keys[l])
+                x_BLD = layer[kinds[l]](p_l, x_BLD, None if keys is None else keys[l])
         return layer_norm(x_BLD, self.final_ln_scale, self.final_ln_bias)
 
     def logits(self, h_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:

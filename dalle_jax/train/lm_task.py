@@ -23,7 +23,7 @@ from dalle_jax.train import loop
 
 # Fields that only choose how the model is computed, not what it is: a checkpoint may be
 # resumed with another value (the parameters are the same either way).
-_EXECUTION_FIELDS = ("dtype", "remat", "scan_layers")
+_EXECUTION_FIELDS = ("dtype", "attention", "remat", "scan_layers")
 
 
 def model_config(cfg, tokenizer, token_meta: dict) -> transformer.TransformerConfig:
@@ -61,6 +61,15 @@ def make_task(cfg, workdir: str, tokenizer) -> loop.Task:
     meta = read_meta(str(cfg.data.tokens_dir))
     mcfg = model_config(cfg, tokenizer, meta)
     model = transformer.Transformer(mcfg)
+    evaluator = ValEvaluator(cfg, tokenizer, model) if int(cfg.evals.val.num_batches) > 0 else None
+    return model_task(mcfg, identity(mcfg, tokenizer, meta), evaluator)
+
+
+def model_task(mcfg: transformer.TransformerConfig, ident: dict,
+               evaluate: Any = None) -> loop.Task:
+    """The `loop.Task` of a transformer config: init, the paper's weighted loss with dropout
+    keyed by the step's rng, batches of ``text_tokens`` and ``image_tokens``."""
+    model = transformer.Transformer(mcfg)
     weight = float(mcfg.loss_text_weight)
 
     def loss_fn(params, batch, rng, step):
@@ -73,14 +82,14 @@ def make_task(cfg, workdir: str, tokenizer) -> loop.Task:
         metrics.pop("loss")  # the loop records the loss itself
         return loss, metrics
 
-    evaluator = ValEvaluator(cfg, tokenizer, model) if int(cfg.evals.val.num_batches) > 0 else None
     return loop.Task(
         name="lm",
-        identity=identity(mcfg, tokenizer, meta),
+        identity=ident,
         init_variables=lambda rng: transformer.init_variables(mcfg, rng),
         loss_fn=loss_fn,
         device_batch=lambda b: {"text_tokens": b["text_tokens"], "image_tokens": b["image_tokens"]},
-        evaluate=evaluator,
+        evaluate=evaluate,
+        tokens_per_example=mcfg.seq_len,
     )
 
 

@@ -59,6 +59,8 @@ class Task:
         to transfer; keys must have a leading batch dim.
       summarize: host-side ``metrics -> metrics`` run at log time (e.g. histograms to usage).
       evaluate: ``(params, step) -> metrics`` run every ``eval_every`` steps and at the end.
+      tokens_per_example: sequence length of one example; when set, the loop also logs
+        ``perf/tokens_per_second``.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Task:
     device_batch: Callable[[dict], dict]
     summarize: Callable[[dict], dict] | None = None
     evaluate: Callable[[PyTree, int], dict] | None = None
+    tokens_per_example: int = 0
 
 
 class _Stop:
@@ -120,8 +123,56 @@ def _abstract_state(task: Task, tx, mesh, rules, seed: int):
     return abstract, shardings, create_unboxed
 
 
+_LOOP_METRICS = ("loss", "grad_norm", "param_norm", "update_norm", "lr")
+
+
 def param_count(tree: PyTree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, lr_fn: Callable, *,
+                    ema_decay: float, ema_every: int, seed: int) -> Callable:
+    """The pure step ``(state, acc, batch) -> (state, acc)`` that `train` jits.
+
+    ``acc`` holds the running sums of the step metrics (the task's, plus ``loss``,
+    ``grad_norm``, ``param_norm``, ``update_norm`` and ``lr``). Benchmarks time this same
+    function, so their figures are the training loop's.
+    """
+    base_key = jax.random.key(seed + 1)
+
+    def train_step(state: TrainState, acc: dict, batch: dict):
+        rng = jax.random.fold_in(base_key, state.step)
+        grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        do_ema = (step % ema_every) == 0
+        ema = jax.tree.map(lambda e, p: jnp.where(do_ema, ema_decay * e + (1 - ema_decay) * p, e),
+                           state.ema_params, params)
+        metrics = dict(metrics, loss=loss, grad_norm=_tree_norm(grads),
+                       param_norm=_tree_norm(params), update_norm=_tree_norm(updates),
+                       lr=lr_fn(state.step))
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        acc = jax.tree.map(jnp.add, acc, metrics)
+        return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema), acc
+
+    return train_step
+
+
+def init_state(task: Task, tx: optax.GradientTransformation, mesh, rules, seed: int):
+    """A fresh sharded train state and its shardings (no checkpoint involved)."""
+    _, state_sh, create = _abstract_state(task, tx, mesh, rules, seed)
+    return jax.jit(create, out_shardings=state_sh)(jax.random.key(seed)), state_sh
+
+
+def metric_accumulator(task: Task, state: TrainState, batch: dict) -> dict:
+    """Zeroed accumulators for `make_train_step`'s metric sums."""
+    shapes = jax.eval_shape(
+        lambda s, b: task.loss_fn(s.params, b, jax.random.key(0), s.step)[1], state, batch)
+    acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
+    acc.update({k: jnp.zeros((), jnp.float32) for k in _LOOP_METRICS})
+    return acc
 
 
 def train(
@@ -189,24 +240,8 @@ def train(
     logging.info("params: %s", f"{param_count(state.params):,}")
 
     # ---- the step ------------------------------------------------------------------
-    base_key = jax.random.key(seed + 1)
-
-    def train_step(state: TrainState, acc: dict, batch: dict):
-        rng = jax.random.fold_in(base_key, state.step)
-        grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, rng, state.step)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        do_ema = (step % ema_every) == 0
-        ema = jax.tree.map(lambda e, p: jnp.where(do_ema, ema_decay * e + (1 - ema_decay) * p, e),
-                           state.ema_params, params)
-        metrics = dict(metrics, loss=loss, grad_norm=_tree_norm(grads),
-                       param_norm=_tree_norm(params), update_norm=_tree_norm(updates),
-                       lr=lr_fn(state.step))
-        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        acc = jax.tree.map(jnp.add, acc, metrics)
-        return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema), acc
+    train_step = make_train_step(task, tx, lr_fn, ema_decay=ema_decay, ema_every=ema_every,
+                                 seed=seed)
 
     first = train_iter.__next__()
     batch_sh = {k: NamedSharding(mesh, sharding.batch_spec(mesh, rules, np.ndim(v)))
@@ -219,11 +254,7 @@ def train(
 
     dev_first = put(first)
     # Metric accumulators: shapes from one abstract evaluation of the step's metrics.
-    metric_shapes = jax.eval_shape(
-        lambda s, b: task.loss_fn(s.params, b, jax.random.key(0), s.step)[1], abstract, dev_first)
-    scalar_names = ("loss", "grad_norm", "param_norm", "update_norm", "lr")
-    zero_acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in metric_shapes.items()}
-    zero_acc.update({k: jnp.zeros((), jnp.float32) for k in scalar_names})
+    zero_acc = metric_accumulator(task, abstract, dev_first)
     rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
     zero_acc = jax.device_put(zero_acc, rep)
 
@@ -270,6 +301,9 @@ def train(
                 dt = time.time() - window_t0
                 out["perf/steps_per_second"] = window_n / max(dt, 1e-9)
                 out["perf/examples_per_second"] = window_n * batch_size / max(dt, 1e-9)
+                if task.tokens_per_example:
+                    out["perf/tokens_per_second"] = (out["perf/examples_per_second"]
+                                                     * task.tokens_per_example)
                 metrics_lib.check_finite(out, (window_start, step))
                 writer.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in out.items()})
                 if progress is not None:
