@@ -1,0 +1,336 @@
+"""Autoregressive image sampling from the stage-2 transformer with a preallocated KV cache.
+
+The sampler is a pure function of ``(params, text, sample ids, key)``: one jitted program
+runs the text (and any kept image prefix) through the model in one pass that fills the
+key/value cache of every layer, then a `jax.lax.fori_loop` draws the remaining image
+tokens one slot at a time, each step attending to the cache through the *same* mask rows
+the training forward uses (``transformer.layer_masks``). Sampling logits therefore equal
+the training forward's logits for the same sequence (tested), so the masks hold during
+sampling exactly as in training.
+
+Randomness (DESIGN §2, RNG): sample ``i`` draws slot ``k`` with
+``fold_in(fold_in(key, i), k)``, where ``i`` is the sample's *global* index (prompt index
+times candidates plus candidate, see `Sampler.generate`). An image is therefore a pure
+function of (caption, seed, sample index): it does not change with the batch size, the
+number of devices or the other prompts in the batch.
+
+Filtering (applied to the image logits of each step, in this order): ``temperature``
+(divides the logits), ``top_k`` (keep the k largest, 0 = off) and ``top_p`` (nucleus:
+keep the smallest set of largest-probability tokens whose mass reaches p, 1 = off).
+
+Image completion (paper §3.1, Fig. 2 bottom row): ``prefix_BP`` fixes the first ``P``
+image tokens (e.g. the top 15 of 32 rows of a real image's tokens, ``P = 15 * 32``);
+they join the text in the cache-filling pass and only cells ``P..I-1`` are sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_jax.models import transformer as tfm
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How each image token is drawn from its logits.
+
+    Attributes:
+        temperature: logits are divided by it (> 0; 1 samples the model's distribution).
+        top_k: keep only the k most likely tokens (0 keeps all).
+        top_p: keep the smallest set of most likely tokens with total probability >= p
+            (1.0 keeps all).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits_BC: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Temperature, then top-k, then top-p on float32 logits; removed tokens get -inf."""
+    logits_BC = logits_BC.astype(jnp.float32) / sampling.temperature
+    neg_inf = jnp.asarray(-jnp.inf, jnp.float32)
+    vocab = logits_BC.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth_B1 = jax.lax.top_k(logits_BC, sampling.top_k)[0][:, -1:]
+        logits_BC = jnp.where(logits_BC < kth_B1, neg_inf, logits_BC)
+    if sampling.top_p < 1.0:
+        sorted_BC = jnp.sort(logits_BC, axis=-1)[:, ::-1]
+        probs_BC = jax.nn.softmax(sorted_BC, axis=-1)
+        # Mass strictly before each sorted token: a token is kept while that is < p, so the
+        # most likely token is always kept.
+        before_BC = jnp.cumsum(probs_BC, axis=-1) - probs_BC
+        n_keep_B1 = jnp.sum(before_BC < sampling.top_p, axis=-1, keepdims=True)
+        cutoff_B1 = jnp.take_along_axis(sorted_BC, n_keep_B1 - 1, axis=-1)
+        logits_BC = jnp.where(logits_BC < cutoff_B1, neg_inf, logits_BC)
+    return logits_BC
+
+
+# ----------------------------------------------------------------------------- cached model
+
+
+def init_cache(config: tfm.TransformerConfig, batch: int) -> tuple[jax.Array, jax.Array]:
+    """An empty ``(keys, values)`` cache for ``batch`` sequences, each ``(depth, B, L, H, K)``
+    in the compute dtype (every slot is written before a query can see it)."""
+    shape = (config.depth, batch, config.seq_len, config.heads, config.head_dim)
+    return (jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
+
+
+def forward_cached(params: PyTree, config: tfm.TransformerConfig, x_BQD: jax.Array,
+                   start: int | jax.Array, cache: tuple[jax.Array, jax.Array]
+                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The layer stack and final norm on ``Q`` consecutive slots ``start .. start+Q-1``.
+
+    Writes the slots' keys and values into ``cache`` and lets each query attend to every
+    cached slot through its rows of the training masks; slots after a query are masked
+    (causality), so unwritten cache entries are never seen. Returns the normed hidden
+    states ``(B, Q, D)`` and the updated cache.
+    """
+    table_NLL, index = tfm.layer_masks(config)
+    q_len = x_BQD.shape[1]
+    rows_NQL = jax.lax.dynamic_slice_in_dim(jnp.asarray(table_NLL), start, q_len, axis=1)
+    cache_k, cache_v = cache
+    dt = config.compute_dtype
+    x_BQD = x_BQD.astype(jnp.float32)
+    layers = params["layers"]
+    for l in range(config.depth):
+        p = jax.tree.map(lambda a: a[l], layers)
+        h_BQD = tfm.layer_norm(x_BQD, p["ln1_scale"], p["ln1_bias"])
+        q, k, v = tfm.qkv_projection(p, h_BQD, dt)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype),
+                                               (l, 0, start, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype),
+                                               (l, 0, start, 0, 0))
+        out_BQHK = tfm.attend(q, cache_k[l], cache_v[l], rows_NQL[int(index[l])])
+        x_BQD = x_BQD + tfm.attention_output(p, out_BQHK, dt)
+        x_BQD = x_BQD + tfm.mlp_branch(p, x_BQD, config)
+    h_BQD = tfm.layer_norm(x_BQD, params["final_ln_scale"], params["final_ln_bias"])
+    return h_BQD, (cache_k, cache_v)
+
+
+def prefix_embeddings(params: PyTree, config: tfm.TransformerConfig, text_BT: jax.Array,
+                      prefix_BP: jax.Array) -> jax.Array:
+    """Embeddings of the text slots and of the image slots whose inputs are all known.
+
+    With ``P`` kept image tokens, image slots ``0..P-1`` hold ``[BOI, z_0, ..., z_{P-2}]``.
+    """
+    x_BTD = tfm.embed_text(params["text_embed"], params["text_pos"], text_BT)
+    if prefix_BP.shape[1] == 0:
+        return x_BTD
+    _, image_in_BP = tfm.make_inputs(text_BT, prefix_BP, config.boi_id)
+    x_BPD = tfm.embed_image(params["image_embed"], params["row_embed"], params["col_embed"],
+                            image_in_BP)
+    return jnp.concatenate([x_BTD, x_BPD], axis=1)
+
+
+def image_logits(params: PyTree, h_BQD: jax.Array) -> jax.Array:
+    """Float32 image logits of normed hidden states."""
+    return jnp.einsum("bqd,dv->bqv", h_BQD.astype(jnp.float32), params["image_head"])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _check_inputs(config: tfm.TransformerConfig, text_BT: jax.Array, sample_ids_B: jax.Array,
+                  prefix_BP: jax.Array) -> None:
+    b, t = text_BT.shape
+    if t != config.text_len:
+        raise ValueError(f"text has {t} slots, the model expects text_len={config.text_len}")
+    if sample_ids_B.shape != (b,):
+        raise ValueError(f"need one sample id per sequence: text batch {b}, "
+                         f"sample_ids shape {sample_ids_B.shape}")
+    if prefix_BP.ndim != 2 or prefix_BP.shape[0] != b:
+        raise ValueError(f"prefix must be (batch={b}, P), got shape {prefix_BP.shape}")
+    if prefix_BP.shape[1] > config.image_len:
+        raise ValueError(f"prefix of {prefix_BP.shape[1]} tokens is longer than the image "
+                         f"({config.image_len} tokens)")
+
+
+def sample_tokens(params: PyTree, text_BT: jax.Array, sample_ids_B: jax.Array, key: jax.Array,
+                  prefix_BP: jax.Array | None = None, *, config: tfm.TransformerConfig,
+                  sampling: SamplingConfig = SamplingConfig()) -> jax.Array:
+    """Image tokens ``(B, I)`` for text slots ``(B, T)``; jittable (config and sampling static).
+
+    Args:
+        params: the transformer's ``params`` collection (unboxed).
+        text_BT: text slots as `TextTokenizer.encode_slots` writes them.
+        sample_ids_B: global sample index of each row (its RNG stream, see module doc).
+        key: the base PRNG key (the run's seed).
+        prefix_BP: optional first ``P`` image tokens to keep (image completion).
+    """
+    b = text_BT.shape[0]
+    if prefix_BP is None:
+        prefix_BP = jnp.zeros((b, 0), jnp.int32)
+    _check_inputs(config, text_BT, sample_ids_B, prefix_BP)
+    t, n_img, n_keep = config.text_len, config.image_len, prefix_BP.shape[1]
+    if n_keep == n_img:
+        return prefix_BP.astype(jnp.int32)
+
+    sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(sample_ids_B)
+    cache = init_cache(config, b)
+    _, cache = forward_cached(params, config, prefix_embeddings(params, config, text_BT,
+                                                                prefix_BP), 0, cache)
+    tokens_BI = jnp.zeros((b, n_img), jnp.int32)
+    tokens_BI = jax.lax.dynamic_update_slice_in_dim(tokens_BI, prefix_BP.astype(jnp.int32),
+                                                    0, axis=1)
+    pos_ID = tfm.image_positions(params["row_embed"], params["col_embed"])
+
+    def step(k, carry):
+        tokens_BI, cache = carry
+        # Slot T+k's input: BOI for the first cell, else the previous cell's token.
+        prev_B = jax.lax.dynamic_index_in_dim(tokens_BI, jnp.maximum(k - 1, 0), axis=1,
+                                              keepdims=False)
+        in_B = jnp.where(k == 0, config.boi_id, prev_B)
+        x_B1D = (jnp.take(params["image_embed"], in_B, axis=0)
+                 + jax.lax.dynamic_index_in_dim(pos_ID, k, axis=0, keepdims=False))[:, None]
+        h_B1D, cache = forward_cached(params, config, x_B1D, t + k, cache)
+        logits_BC = filter_logits(image_logits(params, h_B1D)[:, 0], sampling)
+        step_keys = jax.vmap(lambda sk: jax.random.fold_in(sk, k))(sample_keys)
+        z_B = jax.vmap(jax.random.categorical)(step_keys, logits_BC).astype(jnp.int32)
+        tokens_BI = jax.lax.dynamic_update_index_in_dim(tokens_BI, z_B, k, axis=1)
+        return tokens_BI, cache
+
+    tokens_BI, _ = jax.lax.fori_loop(n_keep, n_img, step, (tokens_BI, cache))
+    return tokens_BI
+
+
+# ----------------------------------------------------------------------------- convenience
+
+
+class Sampler:
+    """Captions in, image tokens and images out: a trained transformer, its text tokenizer
+    and (optionally) its dVAE, with one jitted program per (batch, prefix length) shape.
+
+    Args:
+        config: the transformer's architecture.
+        params: its parameters (e.g. `checkpoint.load_params` of an export).
+        text_tokenizer: the `TextTokenizer` the model was trained with.
+        image_tokenizer: the dVAE `ImageTokenizer`; needed for images, not for tokens.
+        sampling: token filtering.
+    """
+
+    def __init__(self, config: tfm.TransformerConfig, params: PyTree, text_tokenizer: Any,
+                 image_tokenizer: Any = None, sampling: SamplingConfig = SamplingConfig()):
+        import flax.linen as nn
+
+        self.config = config
+        self.params = nn.unbox(params)
+        self.text_tokenizer = text_tokenizer
+        self.image_tokenizer = image_tokenizer
+        self.sampling = sampling
+        if text_tokenizer.text_vocab_size(config.text_len) != config.text_vocab:
+            raise ValueError(
+                f"text tokenizer gives {text_tokenizer.text_vocab_size(config.text_len)} text "
+                f"ids at text_len={config.text_len}, the model has text_vocab={config.text_vocab}")
+        if image_tokenizer is not None and (image_tokenizer.vocab_size != config.image_vocab
+                                            or image_tokenizer.grid != config.grid):
+            raise ValueError(
+                f"dVAE ({image_tokenizer.vocab_size} codes, grid {image_tokenizer.grid}) does "
+                f"not match the transformer (image_vocab={config.image_vocab}, grid={config.grid})")
+        self._sample = jax.jit(functools.partial(sample_tokens, config=config, sampling=sampling))
+
+    @classmethod
+    def load(cls, transformer_export: str, bpe_model: str, dvae_export: str | None = None, *,
+             sampling: SamplingConfig = SamplingConfig(), dtype: str = "float32") -> Sampler:
+        """A sampler from files: a transformer export (``exports/step_N`` of ``--job=train``),
+        its BPE model and, for images, its dVAE export. Each is checked against the
+        identities the transformer was trained with, so a tokenizer or dVAE from another
+        run fails with the differing fields named instead of producing noise."""
+        from dalle_jax import checkpoint
+        from dalle_jax.tokenizers import bpe, dvae as dvae_lib, params_io
+
+        params, meta = checkpoint.load_params(transformer_export)
+        ident = meta.get("identity", {})
+        if ident.get("kind") != "transformer":
+            raise ValueError(f"{transformer_export!r} is not a transformer export "
+                             f"(identity kind {ident.get('kind')!r})")
+        config = tfm.TransformerConfig(**ident["model"], dtype=dtype)
+        text_tokenizer = bpe.TextTokenizer(bpe_model)
+        text_tokenizer.check_identity(ident["tokenizer"])
+        image_tokenizer = None
+        if dvae_export:
+            image_tokenizer = dvae_lib.ImageTokenizer.load(dvae_export)
+            found = params_io.identity(image_tokenizer.config)
+            diff = checkpoint.diff_dicts(ident["dvae"], found)
+            if diff:
+                raise ValueError(f"dVAE {dvae_export!r} is not the one the transformer was "
+                                 f"trained on: " + "; ".join(diff))
+        return cls(config, params, text_tokenizer, image_tokenizer, sampling)
+
+    def encode_captions(self, captions: Sequence[str]) -> np.ndarray:
+        """``(N, T)`` text slots of the captions (no BPE-dropout)."""
+        slots, _ = self.text_tokenizer.encode_batch_slots(list(captions),
+                                                          text_len=self.config.text_len)
+        return slots
+
+    def tokens(self, captions: Sequence[str], *, num_candidates: int = 1, seed: int = 0,
+               batch_size: int = 64, prefix: np.ndarray | None = None,
+               first_sample_index: int = 0) -> np.ndarray:
+        """Image tokens ``(len(captions), num_candidates, G, G)``.
+
+        Candidate ``j`` of caption ``i`` is global sample ``first_sample_index + i *
+        num_candidates + j``; its tokens do not depend on ``batch_size``. ``prefix``
+        (``(len(captions), P)`` tokens) keeps each caption's first ``P`` image tokens.
+        """
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(captions)
+        text_NT = np.repeat(self.encode_captions(captions), num_candidates, axis=0)
+        ids_N = first_sample_index + np.arange(n * num_candidates, dtype=np.int32)
+        if prefix is None:
+            prefix_NP = np.zeros((n * num_candidates, 0), np.int32)
+        else:
+            prefix = np.asarray(prefix)
+            if prefix.ndim != 2 or prefix.shape[0] != n:
+                raise ValueError(f"prefix must be (num_captions={n}, P), got {prefix.shape}")
+            if prefix.size and (prefix.min() < 0 or prefix.max() >= self.config.image_vocab):
+                raise ValueError(f"prefix tokens must lie in [0, {self.config.image_vocab})")
+            prefix_NP = np.repeat(prefix.astype(np.int32), num_candidates, axis=0)
+        key = jax.random.key(seed)
+        out = []
+        for lo in range(0, len(ids_N), batch_size):
+            hi = min(lo + batch_size, len(ids_N))
+            pad = batch_size - (hi - lo) if len(ids_N) > batch_size else 0
+            # Pad the last batch to the compiled size; padded rows are dropped.
+            sl = lambda a: np.concatenate([a[lo:hi], np.repeat(a[hi - 1:hi], pad, 0)])  # noqa
+            toks = self._sample(self.params, sl(text_NT), sl(ids_N), key, sl(prefix_NP))
+            out.append(np.asarray(toks)[: hi - lo])
+        g = self.config.grid
+        return np.concatenate(out).reshape(n, num_candidates, g, g)
+
+    def images(self, tokens_NCGG: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Decode ``(..., G, G)`` tokens to uint8 images ``(..., H, W, 3)`` with the dVAE."""
+        if self.image_tokenizer is None:
+            raise ValueError("this Sampler has no image tokenizer (dVAE) to decode with")
+        lead = tokens_NCGG.shape[:-2]
+        flat = tokens_NCGG.reshape((-1,) + tokens_NCGG.shape[-2:])
+        out = [np.asarray(self.image_tokenizer.decode(flat[i:i + batch_size]))
+               for i in range(0, len(flat), batch_size)]
+        images = np.concatenate(out)
+        images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+        return images.reshape(lead + images.shape[1:])
+
+    def generate(self, captions: Sequence[str], *, num_candidates: int = 1, seed: int = 0,
+                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens, images)`` for each caption and candidate; see `tokens`."""
+        toks = self.tokens(captions, num_candidates=num_candidates, seed=seed,
+                           batch_size=batch_size)
+        return toks, self.images(toks, batch_size=batch_size)
