@@ -220,6 +220,29 @@ def _text_attend(q_BHTK: jax.Array, k_BHTK: jax.Array, v_BHTK: jax.Array,
     return jnp.einsum("bhqs,bhsk->bhqk", probs_BHQS.astype(v_BHTK.dtype), v_BHTK)
 
 
+def _text_and_local_attend(q_BHNQK: jax.Array, k_BHTK: jax.Array, v_BHTK: jax.Array,
+                           kl_BHNWK: jax.Array, vl_BHNWK: jax.Array,
+                           mask_NQW: np.ndarray) -> jax.Array:
+    """Groups ``n`` of image queries, each over every text key plus its own ``W`` local keys.
+
+    One softmax per query over ``[T text logits] ++ [W local logits masked by mask_NQW]``;
+    returns ``(B, H, N, Q, K)`` in ``v``'s dtype.
+    """
+    lt_BHNQT = jnp.einsum("bhnqk,bhtk->bhnqt", q_BHNQK, k_BHTK,
+                          preferred_element_type=jnp.float32)
+    li_BHNQW = jnp.einsum("bhnqk,bhnwk->bhnqw", q_BHNQK, kl_BHNWK,
+                          preferred_element_type=jnp.float32)
+    li_BHNQW = jnp.where(jnp.asarray(mask_NQW), li_BHNQW, _MASKED)
+    pt_BHNQT, pi_BHNQW = _joint_softmax(lt_BHNQT, li_BHNQW)
+    dt = v_BHTK.dtype
+    # The two partial sums are added in float32 and rounded once, like one dense matmul.
+    out_BHNQK = jnp.einsum("bhnqt,bhtk->bhnqk", pt_BHNQT.astype(dt), v_BHTK,
+                           preferred_element_type=jnp.float32)
+    out_BHNQK += jnp.einsum("bhnqw,bhnwk->bhnqk", pi_BHNQW.astype(dt), vl_BHNWK,
+                            preferred_element_type=jnp.float32)
+    return out_BHNQK.astype(dt)
+
+
 def _band_attend(q_BHRCK: jax.Array, k_BHTK: jax.Array, v_BHTK: jax.Array,
                  k_BHRCK: jax.Array, v_BHRCK: jax.Array, w: int, nb: int,
                  band_NQW: np.ndarray) -> jax.Array:
@@ -243,20 +266,8 @@ def _band_attend(q_BHRCK: jax.Array, k_BHTK: jax.Array, v_BHTK: jax.Array,
     kw_BHNWK, vw_BHNWK = window(k_BHRCK), window(v_BHRCK)
     q_BHRCK = jnp.pad(q_BHRCK, ((0, 0), (0, 0), (0, g_pad - g), (0, 0), (0, 0)))
     q_BHNQK = q_BHRCK.reshape(b, h, n_blocks, nb * g, kd)
-    lt_BHNQT = jnp.einsum("bhnqk,bhtk->bhnqt", q_BHNQK, k_BHTK,
-                          preferred_element_type=jnp.float32)
-    li_BHNQW = jnp.einsum("bhnqk,bhnwk->bhnqw", q_BHNQK, kw_BHNWK,
-                          preferred_element_type=jnp.float32)
-    li_BHNQW = jnp.where(jnp.asarray(band_NQW), li_BHNQW, _MASKED)
-    pt_BHNQT, pi_BHNQW = _joint_softmax(lt_BHNQT, li_BHNQW)
-    dt = v_BHTK.dtype
-    # The two partial sums are added in float32 and rounded once, like one dense matmul.
-    out_BHNQK = jnp.einsum("bhnqt,bhtk->bhnqk", pt_BHNQT.astype(dt), v_BHTK,
-                           preferred_element_type=jnp.float32)
-    out_BHNQK += jnp.einsum("bhnqw,bhnwk->bhnqk", pi_BHNQW.astype(dt), vw_BHNWK,
-                            preferred_element_type=jnp.float32)
-    out_BHRCK = out_BHNQK.reshape(b, h, g_pad, g, v_BHTK.shape[-1])[:, :, :g]
-    return out_BHRCK.astype(dt)
+    out_BHNQK = _text_and_local_attend(q_BHNQK, k_BHTK, v_BHTK, kw_BHNWK, vw_BHNWK, band_NQW)
+    return out_BHNQK.reshape(b, h, g_pad, g, v_BHTK.shape[-1])[:, :, :g]
 
 
 def _column_attend(q_BHRCK: jax.Array, k_BHTK: jax.Array, v_BHTK: jax.Array,
@@ -264,18 +275,8 @@ def _column_attend(q_BHRCK: jax.Array, k_BHTK: jax.Array, v_BHTK: jax.Array,
     """Image queries over all text keys plus the cells above them in their column."""
     # Column-major grid view: each (b, h, c) is a causal sequence of G cells.
     q_BHCRK, k_BHCRK, v_BHCRK = (jnp.swapaxes(x, 2, 3) for x in (q_BHRCK, k_BHRCK, v_BHRCK))
-    lt_BHCRT = jnp.einsum("bhcrk,bhtk->bhcrt", q_BHCRK, k_BHTK,
-                          preferred_element_type=jnp.float32)
-    li_BHCRS = jnp.einsum("bhcrk,bhcsk->bhcrs", q_BHCRK, k_BHCRK,
-                          preferred_element_type=jnp.float32)
-    li_BHCRS = jnp.where(jnp.asarray(col_CRS), li_BHCRS, _MASKED)
-    pt_BHCRT, pi_BHCRS = _joint_softmax(lt_BHCRT, li_BHCRS)
-    dt = v_BHTK.dtype
-    out_BHCRK = jnp.einsum("bhcrt,bhtk->bhcrk", pt_BHCRT.astype(dt), v_BHTK,
-                           preferred_element_type=jnp.float32)
-    out_BHCRK += jnp.einsum("bhcrs,bhcsk->bhcrk", pi_BHCRS.astype(dt), v_BHCRK,
-                            preferred_element_type=jnp.float32)
-    return jnp.swapaxes(out_BHCRK.astype(dt), 2, 3)
+    out_BHCRK = _text_and_local_attend(q_BHCRK, k_BHTK, v_BHTK, k_BHCRK, v_BHCRK, col_CRS)
+    return jnp.swapaxes(out_BHCRK, 2, 3)
 
 
 def attend_structured(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *,
