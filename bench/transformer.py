@@ -1,0 +1,187 @@
+"""Times the stage-2 transformer: the training loop's step and the KV-cached sampler.
+
+  .venv/bin/python bench/transformer.py --dim 256 --depth 4 --heads 4 --text-len 32 \\
+      --text-vocab 1000 --grid 8 --image-vocab 512 --batch 16 --attn paper
+
+Prints one JSON object. The flags mirror bench/peer_dalle_pytorch.py so both run the same
+model size, sequence and batch (`bench/compare_peer.py` runs the two side by side).
+
+* Training: the exact step `dalle_jax.train.loop` runs (forward, the paper's weighted
+  loss, backward, global-norm clipping at 4, AdamW(0.9, 0.96, wd 4.5e-2), EMA and the
+  metric sums), jitted with the state donated, on random tokens. Reports the median step
+  time, tokens/s (batch x sequence length / step time) and, on an accelerator with a
+  known peak, the model FLOPs utilisation from XLA's cost analysis of the compiled step.
+* Sampling: `dalle_jax.sample.sampler.sample_tokens` (text pass filling the KV cache, then
+  one cached step per image token) with top-k keeping 10% of the vocabulary (the peer's
+  ``filter_thres=0.9``), plus decoding the tokens to pixels with a small dVAE. Reports
+  seconds per image and image tokens per second at ``--sample-batch``.
+* ``--attn``: ``paper`` (row/column layers, conv last), ``full`` (dense causal in every
+  layer), ``row`` or ``column`` (that mask in every layer); the attention itself skips
+  what the mask removes, so its cost falls with the mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dalle_jax import sharding
+from dalle_jax.models import transformer as tfm
+from dalle_jax.sample import sampler as smp
+from dalle_jax.tokenizers import dvae
+from dalle_jax.train import lm_task, loop, optim
+
+# Dense peak FLOP/s by device kind and compute dtype, for the utilisation figure.
+PEAK_FLOPS = {
+    ("NVIDIA H100 80GB HBM3", "bfloat16"): 989e12,
+    ("NVIDIA H100 80GB HBM3", "float32"): 67e12,
+    ("NVIDIA H200", "bfloat16"): 989e12,
+    ("NVIDIA H200", "float32"): 67e12,
+    ("TPU v4", "bfloat16"): 275e12,
+    ("TPU v5 lite", "bfloat16"): 197e12,
+}
+PATTERNS = {"paper": "paper", "full": "dense", "row": "row", "column": "column"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for k, v in dict(dim=256, depth=4, heads=4, dim_head=64, text_len=32, text_vocab=1000, grid=8,
+                     image_vocab=512, batch=16, steps=10, warmup=3, sample_batch=1,
+                     samples=3).items():
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=v)
+    p.add_argument("--attn", choices=sorted(PATTERNS), default="paper")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--attention", choices=["structured", "dense"], default="structured",
+                   help="how masked layers are computed (same result, different cost)")
+    p.add_argument("--remat", choices=["none", "full", "dots"], default="none")
+    p.add_argument("--skip-sampling", action="store_true")
+    a = p.parse_args(argv)
+    if a.heads * a.dim_head != a.dim:
+        p.error(f"--heads x --dim-head must equal --dim ({a.heads} x {a.dim_head} != {a.dim})")
+    return a
+
+
+def model_config(a: argparse.Namespace) -> tfm.TransformerConfig:
+    pattern = PATTERNS[a.attn]
+    if pattern in ("row", "column"):
+        pattern = ",".join([pattern] * a.depth)
+    return tfm.TransformerConfig(text_vocab=a.text_vocab, image_vocab=a.image_vocab,
+                                 text_len=a.text_len, grid=a.grid, width=a.dim, depth=a.depth,
+                                 heads=a.heads, attn_pattern=pattern, dtype=a.dtype,
+                                 attention=a.attention, remat=a.remat)
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        name="adamw", b1=0.9, b2=0.96, eps=1e-8, weight_decay=4.5e-2, clip_global_norm=4.0,
+        grad_accum=1, lr=dict(kind="constant", value=3e-4)))
+
+
+def _median_time(fn, n: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + n):
+        t = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_train(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    rules = sharding.get_rules("dp")
+    task = lm_task.model_task(mcfg, {"kind": "benchmark"})
+    tx, lr_fn = optim.build(optim_config())
+    rng = np.random.default_rng(0)
+    batch_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh, rules, 2))
+    batch = {
+        "text_tokens": jax.device_put(rng.integers(
+            0, mcfg.text_vocab, (a.batch, mcfg.text_len), dtype=np.int32), batch_sh),
+        "image_tokens": jax.device_put(rng.integers(
+            0, mcfg.image_vocab, (a.batch, mcfg.image_len), dtype=np.int32), batch_sh),
+    }
+    with jax.set_mesh(mesh):
+        state, state_sh = loop.init_state(task, tx, mesh, rules, seed=0)
+        acc = loop.metric_accumulator(task, state, batch)
+        step = jax.jit(loop.make_train_step(task, tx, lr_fn, ema_decay=0.99, ema_every=25,
+                                            seed=0), donate_argnums=(0, 1))
+        t0 = time.perf_counter()
+        compiled = step.lower(state, acc, batch).compile()
+        compile_s = time.perf_counter() - t0
+        holder = {"state": state, "acc": acc}
+
+        def run():
+            holder["state"], holder["acc"] = compiled(holder["state"], holder["acc"], batch)
+            jax.block_until_ready(holder["acc"])
+
+        step_s = _median_time(run, a.steps, a.warmup)
+    out = {"params": tfm.count_params(holder["state"].params), "train_step_s": round(step_s, 4),
+        "train_tokens_per_s": round(a.batch * mcfg.seq_len / step_s, 1),
+        "train_compile_s": round(compile_s, 1)}
+    peak = PEAK_FLOPS.get((jax.devices()[0].device_kind, a.dtype))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    if flops:
+        out["train_step_flops"] = flops
+        out["train_flops_per_s"] = round(flops / step_s, 1)
+    if peak and flops:
+        out["mfu"] = round(flops / step_s / (peak * jax.device_count()), 4)
+    return out
+
+
+def bench_sampling(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
+    import flax.linen as nn
+
+    params = nn.unbox(jax.jit(functools.partial(tfm.init_variables, mcfg))(
+        jax.random.key(0)))["params"]
+    # Random heads, so the samples are not all the same token.
+    params["image_head"] = jax.random.normal(jax.random.key(1), params["image_head"].shape) * 0.02
+    top_k = max(1, int(round(0.1 * mcfg.image_vocab)))  # the peer's filter_thres=0.9
+    sample = jax.jit(functools.partial(smp.sample_tokens, config=mcfg,
+                                       sampling=smp.SamplingConfig(top_k=top_k)))
+    dcfg = dvae.DVAEConfig(image_size=mcfg.grid * 8, n_hid=16, n_blk_per_group=1,
+                           vocab_size=mcfg.image_vocab)
+    decoder = dvae.ImageTokenizer(dcfg, dvae.init_params(dcfg, jax.random.key(2)))
+    text = np.random.default_rng(0).integers(0, mcfg.text_vocab,
+                                             (a.sample_batch, mcfg.text_len), dtype=np.int32)
+    ids = np.arange(a.sample_batch, dtype=np.int32)
+    counter = iter(range(10**9))
+
+    def run():
+        toks = sample(params, text, ids, jax.random.key(next(counter)))
+        jax.block_until_ready(decoder.decode(toks.reshape(-1, mcfg.grid, mcfg.grid)))
+
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0
+    s = _median_time(run, a.samples, 0)
+    return {"sample_batch": a.sample_batch, "sample_s": round(s, 4),
+            "sample_s_per_image": round(s / a.sample_batch, 4),
+            "sample_image_tokens_per_s": round(a.sample_batch * mcfg.image_len / s, 1),
+            "sample_compile_s": round(compile_s, 1)}
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    mcfg = model_config(a)
+    out = {"system": f"dalle-jax / jax {jax.__version__} {jax.devices()[0].platform.upper()}",
+           "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+           "attn": a.attn, "attention": a.attention, "dtype": a.dtype, "batch": a.batch, "seq_len": mcfg.seq_len}
+    out.update(bench_train(a, mcfg))
+    if not a.skip_sampling:
+        out.update(bench_sampling(a, mcfg))
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
