@@ -238,11 +238,120 @@ def train(cfg, workdir: str) -> None:
     _train_then_export(cfg, workdir, "transformer", run_training, export)
 
 
+def _load_sampler(cfg, workdir: str):
+    """The `Sampler` of ``cfg.sample``: the transformer export (``sample.params`` or the
+    newest ``workdir/exports/step_N``), its BPE model and its dVAE (``sample.dvae_params``
+    or the newest export of the dVAE run whose ``tokens`` directory the model read)."""
+    from dalle_jax.sample import sampler as sampler_lib
+
+    s = cfg.sample
+    export = str(s.params) or latest_export(workdir)
+    if not export:
+        raise FileNotFoundError(f"no transformer export in {workdir}/exports and sample.params "
+                                "is empty: train it first (--job=train)")
+    dvae_dir = str(s.dvae_params) or latest_export(
+        os.path.dirname(os.path.abspath(str(cfg.data.tokens_dir))))
+    if not dvae_dir:
+        raise FileNotFoundError(
+            f"no dVAE export next to the token directory {cfg.data.tokens_dir!r}; set "
+            "--config.sample.dvae_params")
+    sampling = sampler_lib.SamplingConfig(temperature=float(s.temperature), top_k=int(s.top_k),
+                                          top_p=float(s.top_p))
+    logging.info("sampling from %s with dVAE %s", export, dvae_dir)
+    return sampler_lib.Sampler.load(export, _bpe_path(cfg, workdir), dvae_dir, sampling=sampling,
+                                    dtype=str(cfg.precision.compute_dtype)), export
+
+
+def sample(cfg, workdir: str) -> None:
+    """Samples ``sample.num_candidates`` images for each of ``sample.captions``.
+
+    Writes ``workdir/samples/grid.png`` (a row per caption), ``tokens.npz`` and
+    ``report.json``. On `shapes` token data the report also holds the caption-match
+    evaluation (`dalle_jax.eval.shapes_match`): each grid image's verdict, and the share of
+    single samples that match over the first ``sample.eval_captions`` captions of each
+    split in ``sample.eval_splits`` (``validation``: in-distribution objects,
+    ``test_compositional``: held-out objects), with their grids.
+    """
+    import jax
+    import numpy as np
+
+    from dalle_jax import visualize
+    from dalle_jax.data.tokens import TokenSource, read_meta
+
+    if jax.process_index() != 0:
+        return
+    s = cfg.sample
+    captions = [str(c) for c in s.captions]
+    if not captions:
+        raise ValueError("sample.captions is empty: give at least one caption")
+    sampler, export = _load_sampler(cfg, workdir)
+    n, seed, bs = int(s.num_candidates), int(s.seed), int(s.batch_size)
+    out_dir = os.path.join(workdir, "samples")
+    settings = dict(s.to_dict() if hasattr(s, "to_dict") else s, export=export)
+    settings["captions"] = captions
+    report_path = os.path.join(out_dir, "report.json")
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            if json.load(f).get("settings") == json.loads(json.dumps(settings, default=str)):
+                print(f"samples already written for these settings: {report_path}")
+                return
+    t0 = time.time()
+    tokens = sampler.tokens(captions, num_candidates=n, seed=seed, batch_size=bs)
+    seconds = time.time() - t0
+    images = sampler.images(tokens, batch_size=bs)
+    shapes_data = read_meta(str(cfg.data.tokens_dir)).get("source", {}).get("source") == "shapes"
+    report = {"settings": settings, "export": export, "seed": seed, "num_candidates": n,
+              "sampling": {"temperature": sampler.sampling.temperature,
+                           "top_k": sampler.sampling.top_k, "top_p": sampler.sampling.top_p},
+              "sampling_seconds": round(seconds, 2),
+              "grid": os.path.join(out_dir, "grid.png"), "captions": []}
+    labels = [c if j == 0 else "" for c in captions for j in range(n)]
+    if shapes_data:
+        from dalle_jax.eval import shapes_match
+
+        verdicts = [[shapes_match.match(images[i, j], c) for j in range(n)]
+                    for i, c in enumerate(captions)]
+        labels = [("ok " if v.ok else "x ") + (c if j == 0 else "")
+                  for c, vs in zip(captions, verdicts) for j, v in enumerate(vs)]
+        report["captions"] = [{"caption": c, "matches": [v.ok for v in vs],
+                               "reasons": [v.reason for v in vs]}
+                              for c, vs in zip(captions, verdicts)]
+    else:
+        report["captions"] = [{"caption": c} for c in captions]
+    visualize.save_grid(report["grid"], images.reshape((-1,) + images.shape[2:]), labels,
+                        ncols=n, scale=2, caption_lines=2)
+    np.savez(os.path.join(out_dir, "tokens.npz"), tokens=tokens, captions=np.asarray(captions))
+
+    if shapes_data and int(s.eval_captions) > 0:
+        from dalle_jax.eval import shapes_match
+
+        report["caption_match"] = {}
+        for split in [x.strip() for x in str(s.eval_splits).split(",") if x.strip()]:
+            source = TokenSource(str(cfg.data.tokens_dir), split)
+            m = min(int(s.eval_captions), len(source))
+            caps = [str(source[i]["caption"]) for i in range(m)]
+            t0 = time.time()
+            toks = sampler.tokens(caps, num_candidates=1, seed=seed, batch_size=bs)
+            seconds = time.time() - t0
+            imgs = sampler.images(toks, batch_size=bs)[:, 0]
+            summary = shapes_match.score(imgs, caps)
+            summary["sampling_seconds"] = round(seconds, 2)
+            summary["grid"] = os.path.join(out_dir, f"eval_{split}.png")
+            visualize.save_grid(summary["grid"], imgs[:32], caps[:32], ncols=8, scale=2,
+                                caption_lines=2)
+            report["caption_match"][split] = summary
+            logging.info("caption match on %s: %s", split, json.dumps(summary, default=str))
+    _write_json(report_path, report)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("captions", "settings")},
+                     indent=2, default=str))
+
+
 JOBS: dict[str, Callable] = {
     "encode": encode,
     "import_openai_dvae": import_openai_dvae,
     "prepare": prepare,
     "preview": preview,
+    "sample": sample,
     "train": train,
     "train_bpe": train_bpe,
     "train_dvae": train_dvae,

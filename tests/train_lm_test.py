@@ -13,11 +13,14 @@ from dalle_jax import checkpoint as ckpt_lib
 from dalle_jax import configlib, jobs
 from dalle_jax import metrics as metrics_lib
 from dalle_jax.data import text_pipeline, tokens
-from dalle_jax.tokenizers import bpe
+from dalle_jax.tokenizers import bpe, dvae, params_io
 from dalle_jax.train import lm_task, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID, IMAGE_VOCAB, TEXT_LEN = 2, 16, 8
+# A real (untrained) dVAE with this grid and vocabulary, so the sample job can decode.
+DVAE = dvae.DVAEConfig(image_size=16, n_hid=8, n_blk_per_group=1, n_init=8,
+                       vocab_size=IMAGE_VOCAB, post_gain=1.0)
 COLOURS = ["red", "green", "blue", "yellow", "white", "purple"]
 SHAPES = ["circle", "square", "triangle", "star"]
 
@@ -44,7 +47,7 @@ def token_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     splits = {"train": _write_split(d, "train", 40, 2, rng),
               "validation": _write_split(d, "validation", 12, 1, rng)}
-    meta = {"dvae": {"identity": {"kind": "dvae", "vocab_size": IMAGE_VOCAB}, "grid": GRID},
+    meta = {"dvae": {"identity": params_io.identity(DVAE), "grid": GRID},
             "source": {"source": "test"}, "splits": splits}
     with open(os.path.join(d, tokens.META_FILE), "w") as f:
         json.dump(meta, f)
@@ -179,3 +182,47 @@ def test_train_bpe_job_writes_once(token_dir, tmp_path):
     jobs.train_bpe(cfg, str(tmp_path))
     assert os.path.getmtime(path) == mtime
     assert bpe.TextTokenizer(path).vocab_size <= 300
+
+
+@pytest.fixture(scope="module")
+def dvae_export(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dvae") / "export")
+    params_io.save_params(out, DVAE, dvae.init_params(DVAE, jax.random.key(0)))
+    return out
+
+
+def test_sample_job_writes_grid_tokens_and_report(token_dir, tokenizer, dvae_export, tmp_path):
+    cfg = _cfg(token_dir, tokenizer)
+    workdir = str(tmp_path / "run")
+    jobs.train(cfg, workdir)
+    cfg.sample.update(dvae_params=dvae_export, captions=("a red circle", "a blue star"),
+                      num_candidates=3, batch_size=4, top_k=4)
+    jobs.sample(cfg, workdir)
+    out = os.path.join(workdir, "samples")
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    assert report["export"].endswith("step_0000002") and report["num_candidates"] == 3
+    assert [c["caption"] for c in report["captions"]] == ["a red circle", "a blue star"]
+    assert "caption_match" not in report  # only on shapes token data
+    toks = np.load(os.path.join(out, "tokens.npz"))["tokens"]
+    assert toks.shape == (2, 3, GRID, GRID) and toks.min() >= 0 and toks.max() < IMAGE_VOCAB
+    assert os.path.getsize(report["grid"]) > 0
+    # Same seed, same samples; the grid's tokens are reproducible.
+    mtime = os.path.getmtime(os.path.join(out, "report.json"))
+    jobs.sample(cfg, workdir)
+    assert os.path.getmtime(os.path.join(out, "report.json")) == mtime  # unchanged: skipped
+    cfg.sample.seed = 1
+    jobs.sample(cfg, workdir)
+    np.testing.assert_array_equal(np.load(os.path.join(out, "tokens.npz"))["tokens"].shape,
+                                  toks.shape)
+
+    # A dVAE other than the one the tokens came from is refused, naming the field.
+    other = dvae.DVAEConfig(**{**DVAE.to_dict(), "n_hid": 16})
+    other_dir = str(tmp_path / "other_dvae")
+    params_io.save_params(other_dir, other, dvae.init_params(other, jax.random.key(1)))
+    cfg.sample.dvae_params = other_dir
+    with pytest.raises(ValueError, match="n_hid"):
+        jobs.sample(cfg, workdir)
+    cfg.sample.update(dvae_params=dvae_export, captions=())
+    with pytest.raises(ValueError, match="captions is empty"):
+        jobs.sample(cfg, workdir)
