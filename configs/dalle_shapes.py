@@ -46,7 +46,7 @@ DEMO_CAPTIONS = (
 
 # size -> (model shape, steps, global batch, peak learning rate)
 VARIANTS = {
-    "tiny": dict(width=128, depth=4, heads=4, steps=2000, batch=32, lr=2e-3),
+    "tiny": dict(width=128, depth=4, heads=4, steps=2500, batch=32, lr=2e-3),
 }
 
 

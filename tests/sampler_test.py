@@ -185,3 +185,21 @@ def test_sampler_batches_pad_and_number_samples_globally():
         s.images(a)
     with pytest.raises(ValueError, match="num_candidates"):
         s.tokens(caps, num_candidates=0)
+
+
+def test_sampler_completes_images_from_kept_rows():
+    s = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer())
+    _, image = _batch(TINY, batch=2, seed=6)
+    out = s.complete(["c1", "c2"], keep_rows=1, image_tokens=image, num_candidates=2, seed=3)
+    assert out.shape == (2, 2, GRID, GRID)
+    np.testing.assert_array_equal(out[:, :, 0], np.repeat(image.reshape(2, 1, GRID, GRID)[:, :, 0],
+                                                          2, axis=1))
+    # Keeping every row returns the image; bad arguments are named.
+    full = s.complete(["c1", "c2"], keep_rows=GRID, image_tokens=image)
+    np.testing.assert_array_equal(full[:, 0].reshape(2, -1), image)
+    with pytest.raises(ValueError, match="keep_rows"):
+        s.complete(["c1", "c2"], keep_rows=GRID + 1, image_tokens=image)
+    with pytest.raises(ValueError, match="exactly one"):
+        s.complete(["c1", "c2"], keep_rows=1)
+    with pytest.raises(ValueError, match="dVAE"):
+        s.complete(["c1", "c2"], keep_rows=1, images=np.zeros((2, 16, 16, 3), np.uint8))

@@ -316,6 +316,31 @@ class Sampler:
         g = self.config.grid
         return np.concatenate(out).reshape(n, num_candidates, g, g)
 
+    def complete(self, captions: Sequence[str], *, keep_rows: int, images: Any = None,
+                 image_tokens: Any = None, num_candidates: int = 1, seed: int = 0,
+                 batch_size: int = 64) -> np.ndarray:
+        """Image completion (paper Fig. 2): keep the top ``keep_rows`` token rows of each
+        caption's image and sample the rest; returns tokens ``(N, num_candidates, G, G)``.
+
+        Give either ``images`` (``(N, H, W, 3)``, encoded with the dVAE) or their
+        ``image_tokens`` (``(N, G, G)`` or ``(N, G*G)``). The paper keeps 15 of 32 rows.
+        """
+        g = self.config.grid
+        if not 0 <= keep_rows <= g:
+            raise ValueError(f"keep_rows must be in [0, {g}], got {keep_rows}")
+        if (images is None) == (image_tokens is None):
+            raise ValueError("give exactly one of images= and image_tokens=")
+        if images is not None:
+            if self.image_tokenizer is None:
+                raise ValueError("completing from images needs the dVAE (image_tokenizer)")
+            image_tokens = np.asarray(self.image_tokenizer.encode(images))
+        image_tokens = np.asarray(image_tokens).reshape(len(captions), -1)
+        if image_tokens.shape[1] != g * g:
+            raise ValueError(f"image tokens must hold {g * g} tokens per image, got "
+                             f"{image_tokens.shape[1]}")
+        return self.tokens(captions, num_candidates=num_candidates, seed=seed,
+                           batch_size=batch_size, prefix=image_tokens[:, :keep_rows * g])
+
     def images(self, tokens_NCGG: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Decode ``(..., G, G)`` tokens to uint8 images ``(..., H, W, 3)`` with the dVAE."""
         if self.image_tokenizer is None:
