@@ -17,12 +17,7 @@ TINY = tr.TransformerConfig(text_vocab=12 + TEXT_LEN, image_vocab=16, text_len=T
                             grid=GRID, width=32, depth=4, heads=2, conv_kernel=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,13 +22,8 @@ TINY = tr.TransformerConfig(text_vocab=BPE_VOCAB + TEXT_LEN, image_vocab=16, tex
 L = TEXT_LEN + GRID * GRID
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    # Halves XLA compile time on CPU; every comparison below runs under the same setting.
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# Halves XLA compile time on CPU; every comparison below runs under the same setting.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @functools.lru_cache(maxsize=None)
