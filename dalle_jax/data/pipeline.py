@@ -49,16 +49,14 @@ _STATE_VERSION = 1
 # checkpoint keeps) is valid on every process.
 
 
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """Settings of the input pipeline.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommonPipelineSettings:
+    """Settings every input pipeline shares (image and token pipelines alike).
 
     Attributes:
         global_batch_size: examples per step over all processes; must divide evenly by
             the number of shards (processes).
-        image_size: side of the square output images.
-        augment: key of ``AUGMENTATIONS``: "dvae", "transformer" or "none" (centre crop).
-        seed: seeds the shuffle and the augmentations; in ``[0, 2**32)``.
+        seed: seeds the shuffle and the per-example randomness; in ``[0, 2**32)``.
         shuffle: reshuffle the shard every epoch.
         num_epochs: passes over the data; None repeats forever.
         worker_count: grain worker processes (0: work in this process). Does not change
@@ -70,8 +68,6 @@ class PipelineConfig:
     """
 
     global_batch_size: int
-    image_size: int
-    augment: str = "dvae"
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None
@@ -81,25 +77,36 @@ class PipelineConfig:
     prefetch_batches: int = 2
 
     def __post_init__(self):
-        check_common_settings(self)
+        if self.global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {self.global_batch_size}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive or None, got {self.num_epochs}")
+        if self.worker_count < 0 or self.read_threads < 0 or self.prefetch_batches < 0:
+            raise ValueError("worker_count, read_threads and prefetch_batches must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig(CommonPipelineSettings):
+    """Settings of the image pipeline: `CommonPipelineSettings` plus
+
+    Attributes:
+        image_size: side of the square output images.
+        augment: key of ``AUGMENTATIONS``: "dvae", "transformer" or "none" (centre crop).
+    """
+
+    image_size: int
+    augment: str = "dvae"
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(
                 f"unknown augment {self.augment!r}; choose from {sorted(AUGMENTATIONS)}"
             )
-
-
-def check_common_settings(cfg: Any) -> None:
-    """Validates the settings every pipeline config shares (batch, seed, epochs, workers)."""
-    if cfg.global_batch_size <= 0:
-        raise ValueError(f"global_batch_size must be positive, got {cfg.global_batch_size}")
-    if not 0 <= cfg.seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {cfg.seed}")
-    if cfg.num_epochs is not None and cfg.num_epochs <= 0:
-        raise ValueError(f"num_epochs must be positive or None, got {cfg.num_epochs}")
-    if cfg.worker_count < 0 or cfg.read_threads < 0 or cfg.prefetch_batches < 0:
-        raise ValueError("worker_count, read_threads and prefetch_batches must be >= 0")
 
 
 def _shard_bounds(num_records: int, shard: grain.sharding.ShardOptions) -> tuple[int, int]:

@@ -29,36 +29,21 @@ from dalle_jax.data.pipeline import _decode_text
 
 
 
-@dataclasses.dataclass(frozen=True)
-class TextPipelineConfig:
-    """Settings of the stage-2 pipeline.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextPipelineConfig(image_pipeline.CommonPipelineSettings):
+    """Settings of the stage-2 pipeline: `pipeline.CommonPipelineSettings` (the seed also
+    seeds the BPE-dropout) plus
 
     Attributes:
-        global_batch_size: examples per step over all processes.
         text_len: text slots ``T`` per example.
         bpe_dropout: BPE-dropout rate (training: 0.1 as in the paper; evaluation: 0).
-        seed: seeds the shuffle and the dropout; in ``[0, 2**32)``.
-        shuffle: reshuffle the shard every epoch.
-        num_epochs: passes over the data; None repeats forever.
-        worker_count: grain worker processes (0: in this process); output is unchanged.
-        drop_remainder: drop a final partial batch (finite epochs only).
-        read_threads: threads building batches ahead of time.
-        prefetch_batches: batches kept ready ahead of time.
     """
 
-    global_batch_size: int
     text_len: int
     bpe_dropout: float = 0.0
-    seed: int = 0
-    shuffle: bool = True
-    num_epochs: int | None = None
-    worker_count: int = 0
-    drop_remainder: bool = True
-    read_threads: int = 2
-    prefetch_batches: int = 2
 
     def __post_init__(self):
-        image_pipeline.check_common_settings(self)
+        super().__post_init__()
         if self.text_len < 2:
             raise ValueError(f"text_len must be >= 2, got {self.text_len}")
         if not 0.0 <= self.bpe_dropout < 1.0:
