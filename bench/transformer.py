@@ -109,7 +109,7 @@ def bench_train(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
             0, mcfg.image_vocab, (a.batch, mcfg.image_len), dtype=np.int32), batch_sh),
     }
     with jax.set_mesh(mesh):
-        state, state_sh = loop.init_state(task, tx, mesh, rules, seed=0)
+        state, _ = loop.init_state(task, tx, mesh, rules, seed=0)
         acc = loop.metric_accumulator(task, state, batch)
         step = jax.jit(loop.make_train_step(task, tx, lr_fn, ema_decay=0.99, ema_every=25,
                                             seed=0), donate_argnums=(0, 1))

@@ -238,12 +238,10 @@ def train(cfg, workdir: str) -> None:
     _train_then_export(cfg, workdir, "transformer", run_training, export)
 
 
-def _load_sampler(cfg, workdir: str):
-    """The `Sampler` of ``cfg.sample``: the transformer export (``sample.params`` or the
-    newest ``workdir/exports/step_N``), its BPE model and its dVAE (``sample.dvae_params``
-    or the newest export of the dVAE run whose ``tokens`` directory the model read)."""
-    from dalle_jax.sample import sampler as sampler_lib
-
+def _sample_sources(cfg, workdir: str) -> tuple[str, str]:
+    """``(transformer export, dVAE export)`` of ``cfg.sample``: ``sample.params`` or the
+    newest ``workdir/exports/step_N``, and ``sample.dvae_params`` or the newest export of
+    the dVAE run whose ``tokens`` directory the model read."""
     s = cfg.sample
     export = str(s.params) or latest_export(workdir)
     if not export:
@@ -255,11 +253,19 @@ def _load_sampler(cfg, workdir: str):
         raise FileNotFoundError(
             f"no dVAE export next to the token directory {cfg.data.tokens_dir!r}; set "
             "--config.sample.dvae_params")
+    return export, dvae_dir
+
+
+def _load_sampler(cfg, workdir: str, export: str, dvae_dir: str):
+    """The `Sampler` of ``cfg.sample`` over the two exports and the run's BPE model."""
+    from dalle_jax.sample import sampler as sampler_lib
+
+    s = cfg.sample
     sampling = sampler_lib.SamplingConfig(temperature=float(s.temperature), top_k=int(s.top_k),
                                           top_p=float(s.top_p))
     logging.info("sampling from %s with dVAE %s", export, dvae_dir)
     return sampler_lib.Sampler.load(export, _bpe_path(cfg, workdir), dvae_dir, sampling=sampling,
-                                    dtype=str(cfg.precision.compute_dtype)), export
+                                    dtype=str(cfg.precision.compute_dtype))
 
 
 def sample(cfg, workdir: str) -> None:
@@ -284,10 +290,10 @@ def sample(cfg, workdir: str) -> None:
     captions = [str(c) for c in s.captions]
     if not captions:
         raise ValueError("sample.captions is empty: give at least one caption")
-    sampler, export = _load_sampler(cfg, workdir)
+    export, dvae_dir = _sample_sources(cfg, workdir)
     n, seed, bs = int(s.num_candidates), int(s.seed), int(s.batch_size)
     out_dir = os.path.join(workdir, "samples")
-    settings = dict(s.to_dict() if hasattr(s, "to_dict") else s, export=export)
+    settings = dict(s.to_dict() if hasattr(s, "to_dict") else s, export=export, dvae=dvae_dir)
     settings["captions"] = captions
     report_path = os.path.join(out_dir, "report.json")
     if os.path.exists(report_path):
@@ -295,11 +301,14 @@ def sample(cfg, workdir: str) -> None:
             if json.load(f).get("settings") == json.loads(json.dumps(settings, default=str)):
                 print(f"samples already written for these settings: {report_path}")
                 return
+    sampler = _load_sampler(cfg, workdir, export, dvae_dir)
     t0 = time.time()
     tokens = sampler.tokens(captions, num_candidates=n, seed=seed, batch_size=bs)
     seconds = time.time() - t0
     images = sampler.images(tokens, batch_size=bs)
     shapes_data = read_meta(str(cfg.data.tokens_dir)).get("source", {}).get("source") == "shapes"
+    if shapes_data:
+        from dalle_jax.eval import shapes_match
     report = {"settings": settings, "export": export, "seed": seed, "num_candidates": n,
               "sampling": {"temperature": sampler.sampling.temperature,
                            "top_k": sampler.sampling.top_k, "top_p": sampler.sampling.top_p},
@@ -307,8 +316,6 @@ def sample(cfg, workdir: str) -> None:
               "grid": os.path.join(out_dir, "grid.png"), "captions": []}
     labels = [c if j == 0 else "" for c in captions for j in range(n)]
     if shapes_data:
-        from dalle_jax.eval import shapes_match
-
         verdicts = [[shapes_match.match(images[i, j], c) for j in range(n)]
                     for i, c in enumerate(captions)]
         labels = [("ok " if v.ok else "x ") + (c if j == 0 else "")
@@ -323,8 +330,6 @@ def sample(cfg, workdir: str) -> None:
     np.savez(os.path.join(out_dir, "tokens.npz"), tokens=tokens, captions=np.asarray(captions))
 
     if shapes_data and int(s.eval_captions) > 0:
-        from dalle_jax.eval import shapes_match
-
         report["caption_match"] = {}
         for split in [x.strip() for x in str(s.eval_splits).split(",") if x.strip()]:
             source = TokenSource(str(cfg.data.tokens_dir), split)
