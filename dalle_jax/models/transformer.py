@@ -6,9 +6,11 @@ This module owns:
 * `TransformerConfig`, the architecture hyper-parameters (`TransformerConfig.paper_12b` is the
   paper's 64-layer, 3968-wide, 62-head model);
 * `Transformer`, a Flax Linen module: embeddings, the resblock stack, the two output heads;
-* the pure per-layer functions (`attention_branch`, `mlp_branch`, `qkv_projection`,
-  `attend`), kept module-level so a later sampler can cache keys and values per layer and a
-  later mixed-precision step can wrap each resblock branch separately (DESIGN §4);
+* the pure per-layer functions (`attention_branch`, `attention_output`, `mlp_branch`,
+  `qkv_projection`, `attend`) and embeddings (`embed_text`, `embed_image`), kept
+  module-level so the sampler (`dalle_jax.sample.sampler`) runs the same code with its KV
+  cache and a later mixed-precision step can wrap each resblock branch separately
+  (DESIGN §4);
 * `make_inputs` and `loss_fn`, the sequence and target conventions;
 * `param_specs` (shapes, logical axes and init of every parameter) and `init_variables`, the
   fast jittable init.

@@ -310,8 +310,9 @@ class Sampler:
             hi = min(lo + batch_size, len(ids_N))
             pad = batch_size - (hi - lo) if len(ids_N) > batch_size else 0
             # Pad the last batch to the compiled size; padded rows are dropped.
-            sl = lambda a: np.concatenate([a[lo:hi], np.repeat(a[hi - 1:hi], pad, 0)])  # noqa
-            toks = self._sample(self.params, sl(text_NT), sl(ids_N), key, sl(prefix_NP))
+            rows = [np.concatenate([a[lo:hi], np.repeat(a[hi - 1:hi], pad, 0)])
+                    for a in (text_NT, ids_N, prefix_NP)]
+            toks = self._sample(self.params, rows[0], rows[1], key, rows[2])
             out.append(np.asarray(toks)[: hi - lo])
         g = self.config.grid
         return np.concatenate(out).reshape(n, num_candidates, g, g)
