@@ -276,7 +276,8 @@ def sample(cfg, workdir: str) -> None:
     evaluation (`dalle_jax.eval.shapes_match`): each grid image's verdict, and the share of
     single samples that match over the first ``sample.eval_captions`` captions of each
     split in ``sample.eval_splits`` (``validation``: in-distribution objects,
-    ``test_compositional``: held-out objects), with their grids.
+    ``test_compositional``: held-out objects), with their grids, next to the share of the
+    dVAE's reconstructions of the real images that match (the ceiling the dVAE sets).
     """
     import jax
     import numpy as np
@@ -341,6 +342,13 @@ def sample(cfg, workdir: str) -> None:
             imgs = sampler.images(toks, batch_size=bs)[:, 0]
             summary = shapes_match.score(imgs, caps)
             summary["sampling_seconds"] = round(seconds, 2)
+            # The same check on the dVAE's reconstructions of the real images (their own
+            # tokens, decoded): the most the transformer can reach through this dVAE.
+            real = np.stack([source[i]["image_tokens"] for i in range(m)])
+            real = real.reshape((m, source.grid, source.grid))
+            recon = shapes_match.score(sampler.images(real, batch_size=bs), caps)
+            summary["dvae_reconstruction"] = {k: recon[k] for k in ("count", "matched",
+                                                                     "fraction")}
             summary["grid"] = os.path.join(out_dir, f"eval_{split}.png")
             visualize.save_grid(summary["grid"], imgs[:32], caps[:32], ncols=8, scale=2,
                                 caption_lines=2)

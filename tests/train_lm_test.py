@@ -226,3 +226,30 @@ def test_sample_job_writes_grid_tokens_and_report(token_dir, tokenizer, dvae_exp
     cfg.sample.update(dvae_params=dvae_export, captions=())
     with pytest.raises(ValueError, match="captions is empty"):
         jobs.sample(cfg, workdir)
+
+
+def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, tokenizer, dvae_export,
+                                                                  tmp_path):
+    import shutil
+    shapes_dir = str(tmp_path / "shapes_tokens")
+    shutil.copytree(token_dir, shapes_dir)
+    meta_path = os.path.join(shapes_dir, tokens.META_FILE)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["source"] = {"source": "shapes"}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    cfg = _cfg(shapes_dir, tokenizer)
+    workdir = str(tmp_path / "run")
+    jobs.train(cfg, workdir)
+    cfg.sample.update(dvae_params=dvae_export, captions=("a red circle",), num_candidates=2,
+                      batch_size=4, eval_captions=5, eval_splits="validation")
+    jobs.sample(cfg, workdir)
+    with open(os.path.join(workdir, "samples", "report.json")) as f:
+        report = json.load(f)
+    assert len(report["captions"][0]["matches"]) == 2
+    val = report["caption_match"]["validation"]
+    assert val["count"] == 5 and 0 <= val["matched"] <= 5
+    ref = val["dvae_reconstruction"]
+    assert ref["count"] == 5 and 0 <= ref["matched"] <= 5
+    assert ref["fraction"] == pytest.approx(ref["matched"] / 5)
