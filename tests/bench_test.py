@@ -25,7 +25,8 @@ TINY = ["--dim", "32", "--heads", "2", "--dim-head", "16", "--depth", "2", "--te
 @pytest.mark.parametrize("attn", ["paper", "row"])
 def test_transformer_benchmark_reports_throughput(attn, capsys):
     out = _load().main(TINY + ["--attn", attn])
-    for key in ("params", "train_step_s", "train_tokens_per_s", "sample_s_per_image",
+    for key in ("params", "train_step_s", "train_tokens_per_s", "train_model_flops",
+                "train_model_flops_per_s", "sample_s_per_image",
                 "sample_image_tokens_per_s"):
         assert out[key] > 0, key
     assert out["seq_len"] == 4 + 4 and out["attn"] == attn
@@ -35,3 +36,18 @@ def test_transformer_benchmark_reports_throughput(attn, capsys):
 def test_benchmark_rejects_inconsistent_heads():
     with pytest.raises(SystemExit):
         _load().parse_args(["--dim", "32", "--heads", "3", "--dim-head", "16"])
+
+
+def test_model_flops_count_matmuls_heads_and_allowed_attention_pairs():
+    b = _load()
+    args = b.parse_args(TINY + ["--attn", "full"])
+    mcfg = b.model_config(args)
+    d, L, t, i = 32, 8, 4, 4  # width, sequence, text and image slots
+    per_token = 2 * (d * 3 * d + d * d + 2 * d * 4 * d)  # qkv, output, MLP (4d hidden)
+    heads = 2 * (t * d * 40 + i * d * 16)
+    attention = 2 * 2 * (L * (L + 1) // 2) * d  # causal pairs, QK^T and AV, all heads
+    forward = L * 2 * per_token + heads + 2 * attention  # depth 2
+    assert b.model_flops_per_step(mcfg, 8) == 3 * forward * 8
+    # A sparser mask is less work for the model, so fewer model FLOPs.
+    sparse = b.model_config(b.parse_args(TINY + ["--attn", "row"]))
+    assert b.model_flops_per_step(sparse, 8) < b.model_flops_per_step(mcfg, 8)
