@@ -148,6 +148,20 @@ def test_init_matches_module_and_distribution():
     np.testing.assert_allclose(m["loss_image"], math.log(TINY.image_vocab), rtol=1e-6)
 
 
+def test_init_scale_scales_every_normal_parameter():
+    base = nn.unbox(tr.init_variables(TINY, jax.random.key(0)))["params"]
+    wide = dataclasses.replace(TINY, init_scale=1.0)
+    scaled = nn.unbox(tr.init_variables(wide, jax.random.key(0)))["params"]
+    assert jax.tree.structure(base) == jax.tree.structure(scaled)
+    # The same draw, the normal parameters multiplied by 1.0 / 0.125; ones and zeros stay.
+    specs = jax.tree.leaves(tr.param_specs(TINY), is_leaf=lambda x: isinstance(x, tr.ParamSpec))
+    for spec, a, b in zip(specs, jax.tree.leaves(base), jax.tree.leaves(scaled), strict=True):
+        factor = 8.0 if spec.init == "normal" else 1.0
+        np.testing.assert_allclose(b, a * factor, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="init_scale"):
+        dataclasses.replace(TINY, init_scale=0.0)
+
+
 def test_jit_init_compiles_fast():
     import time
     start = time.perf_counter()

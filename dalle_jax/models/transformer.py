@@ -66,7 +66,8 @@ _REMAT = ("none", "full", "dots")
 _ATTENTION = ("structured", "dense")
 _CONV_KINDS = ("raster", "2d")
 
-# Sparse Transformer §6 init: N(0, 0.125/sqrt(d_in)) weights, embeddings alike (spec §2.3).
+# Sparse Transformer §6 init: N(0, 0.125/sqrt(d_in)) weights, embeddings alike (spec §2.3);
+# the default of `TransformerConfig.init_scale`.
 INIT_SCALE = 0.125
 LN_EPS = 1e-5
 # `init_variables` cuts all normal parameters from one draw up to this many scalars.
@@ -113,6 +114,9 @@ class TransformerConfig:
             Python loop; the parameters are the same either way.
         loss_text_weight: weight of the text cross-entropy; the image gets the rest (paper
             §2.2: 1/8 and 7/8).
+        init_scale: the factor ``s`` of the initial weights N(0, s/sqrt(d_in)) (see
+            `param_specs`); the Sparse Transformer's 0.125 by default. Only the
+            initialisation depends on it.
     """
 
     text_vocab: int
@@ -132,6 +136,7 @@ class TransformerConfig:
     remat: str = "none"
     scan_layers: bool = False
     loss_text_weight: float = 1 / 8
+    init_scale: float = INIT_SCALE
 
     def __post_init__(self):
         for name in ("text_vocab", "image_vocab", "grid", "width", "depth", "heads",
@@ -160,6 +165,8 @@ class TransformerConfig:
             raise ValueError(f"remat must be one of {_REMAT}, got {self.remat!r}")
         if not 0.0 <= self.loss_text_weight <= 1.0:
             raise ValueError(f"loss_text_weight must be in [0, 1], got {self.loss_text_weight}")
+        if not self.init_scale > 0.0:
+            raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
         masks.layer_kinds(self.depth, self.attn_pattern)  # raises on a bad pattern
 
     @classmethod
@@ -425,12 +432,13 @@ def param_specs(config: TransformerConfig) -> dict[str, Any]:
     """Every parameter's `ParamSpec`, nested like the ``params`` collection.
 
     Init follows the Sparse Transformer (ST §6; spec §2.3; whether DALL·E kept it is not
-    stated), with every "N(0, s)" read as a standard deviation:
+    stated), with every "N(0, s)" read as a standard deviation and ``s = init_scale``
+    (ST: 0.125):
 
-    * token embeddings N(0, 0.125/sqrt(D)); position embeddings N(0, 0.125/sqrt(D * n_emb)),
+    * token embeddings N(0, s/sqrt(D)); position embeddings N(0, s/sqrt(D * n_emb)),
       n_emb = number of embeddings summed into a slot: 2 for text (token + position), 3 for
       image (token + row + column, App. B.1);
-    * weights N(0, 0.125/sqrt(d_in)), biases 0, LayerNorm gains 1;
+    * weights N(0, s/sqrt(d_in)), biases 0, LayerNorm gains 1;
     * the two matrices that write into the residual stream (attention output W_p and the
       second MLP matrix W2) further scaled by 1/sqrt(2 * depth), so the stream's variance
       stays O(1) across the 2 * depth resblocks;
@@ -439,7 +447,8 @@ def param_specs(config: TransformerConfig) -> dict[str, Any]:
     c = config
     n, d, h, k, f = c.depth, c.width, c.heads, c.head_dim, c.mlp_width
     res = 1.0 / math.sqrt(2 * n)
-    w_in = INIT_SCALE / math.sqrt(d)
+    s = c.init_scale
+    w_in = s / math.sqrt(d)
     lnd = ("layers", "embed")
     ones = lambda shape, axes: ParamSpec(shape, axes, "ones")  # noqa: E731
     zeros = lambda shape, axes: ParamSpec(shape, axes, "zeros")  # noqa: E731
@@ -450,23 +459,23 @@ def param_specs(config: TransformerConfig) -> dict[str, Any]:
         "qkv_kernel": normal((n, d, 3, h, k), ("layers", "embed", None, "heads", "kv"), w_in),
         "qkv_bias": zeros((n, 3, h, k), ("layers", None, "heads", "kv")),
         "out_kernel": normal((n, h, k, d), ("layers", "heads", "kv", "embed"),
-                             INIT_SCALE / math.sqrt(h * k) * res),
+                             s / math.sqrt(h * k) * res),
         "out_bias": zeros((n, d), lnd),
         "ln2_scale": ones((n, d), lnd),
         "ln2_bias": zeros((n, d), lnd),
         "mlp_in_kernel": normal((n, d, f), ("layers", "embed", "mlp"), w_in),
         "mlp_in_bias": zeros((n, f), ("layers", "mlp")),
         "mlp_out_kernel": normal((n, f, d), ("layers", "mlp", "embed"),
-                                 INIT_SCALE / math.sqrt(f) * res),
+                                 s / math.sqrt(f) * res),
         "mlp_out_bias": zeros((n, d), lnd),
     }
     return {
-        "text_embed": normal((c.text_vocab, d), ("vocab", "embed"), INIT_SCALE / math.sqrt(d)),
-        "text_pos": normal((c.text_len, d), ("length", "embed"), INIT_SCALE / math.sqrt(2 * d)),
+        "text_embed": normal((c.text_vocab, d), ("vocab", "embed"), s / math.sqrt(d)),
+        "text_pos": normal((c.text_len, d), ("length", "embed"), s / math.sqrt(2 * d)),
         "image_embed": normal((c.image_vocab + 1, d), ("vocab", "embed"),
-                              INIT_SCALE / math.sqrt(d)),
-        "row_embed": normal((c.grid, d), ("height", "embed"), INIT_SCALE / math.sqrt(3 * d)),
-        "col_embed": normal((c.grid, d), ("width", "embed"), INIT_SCALE / math.sqrt(3 * d)),
+                              s / math.sqrt(d)),
+        "row_embed": normal((c.grid, d), ("height", "embed"), s / math.sqrt(3 * d)),
+        "col_embed": normal((c.grid, d), ("width", "embed"), s / math.sqrt(3 * d)),
         "layers": layers,
         "final_ln_scale": ones((d,), ("embed",)),
         "final_ln_bias": zeros((d,), ("embed",)),
