@@ -3,8 +3,15 @@
   python -m dalle_jax.main --job=prepare    --config=configs/dvae_shapes.py --workdir=runs/dvae
   python -m dalle_jax.main --job=train_dvae --config=configs/dvae_shapes.py --workdir=runs/dvae
 
-Args: size=tiny|small (tiny: the README demo, about 5 minutes on 2 CPU cores; small: about
+Args: size=tiny|small (tiny: the README demo, about 6 minutes on 2 CPU cores; small: about
 20-30 CPU minutes, wider), steps=<override total steps>, batch=<global batch>.
+
+The tiny dVAE is what limits the demo's samples: its 1,500 steps use ~40 of the 512 codes
+and round the corners of small shapes, so 70-75% of its reconstructions of real
+validation images pass the caption checker (50-60% for held-out objects). Measured with
+one seed each: steps=3000 (twice the time) uses ~110 codes and 90% / 88% pass; n_hid=24
+uses ~125 codes, 93% / 78%. Batch 32 or 8 instead of 16 collapsed onto 7-13 codes, and
+a peak learning rate of 4e-3 killed the decoder.
 
 The paper's recipe (App. A.2) with its step counts scaled down: soft Gumbel-softmax
 relaxation, KL to the uniform prior, cosine KL-weight warm-up over the first 5% of the

@@ -19,6 +19,8 @@ VARIANTS = {
     "dvae_shapes.py": ["", "size=tiny", "size=small", "size=tiny,steps=10,batch=8"],
     "dvae_paper.py": ["", "runlocal", "name=cc3m,batch=64"],
     "dalle_shapes.py": ["", "size=tiny", "size=tiny,steps=10,batch=8,tokens=/tmp/tokens"],
+    "dalle_paper.py": ["tokens=/tmp/tokens", "runlocal,tokens=/tmp/tokens",
+                       "tokens=/tmp/tokens,fsdp=16,tensor=4,batch=512"],
 }
 
 

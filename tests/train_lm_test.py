@@ -253,3 +253,37 @@ def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, token
     ref = val["dvae_reconstruction"]
     assert ref["count"] == 5 and 0 <= ref["matched"] <= 5
     assert ref["fraction"] == pytest.approx(ref["matched"] / 5)
+
+
+def test_paper_config_runlocal_trains_scanned_rematerialised_with_halving(token_dir, tokenizer,
+                                                                          tmp_path):
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_paper.py")
+                                + f":runlocal,tokens={token_dir}")
+    assert cfg.model.scan_layers and cfg.model.remat == "full"
+    cfg.text.bpe_model = tokenizer.path
+    cfg.ckpt.async_save = False
+    cfg.log.progress_bar = False
+    workdir = str(tmp_path / "paper")
+    jobs.train(cfg, workdir)
+    rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    lr = {step: r["train/lr"] for step, r in rows.items() if "train/lr" in r}
+    # Warm-up over 2 updates to 4.5e-4, halved from update 3 (lr is logged per update).
+    np.testing.assert_allclose([lr[2], lr[3], lr[4]], [2.25e-4, 4.5e-4, 2.25e-4], rtol=1e-5)
+    assert os.path.isdir(os.path.join(workdir, "exports", "step_0000004"))
+
+
+def test_paper_config_is_the_papers_12b_model(tokenizer):
+    from dalle_jax.models import transformer as tfm
+
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_paper.py") + ":tokens=x")
+    meta = {"dvae": {"identity": {"vocab_size": 8192}, "grid": 32}}
+    tok = type("Tok", (), {"text_vocab_size": lambda self, n: 16384 + n})()
+    mcfg = lm_task.model_config(cfg, tok, meta)
+    paper = tfm.TransformerConfig.paper_12b()
+    for f in ("text_vocab", "image_vocab", "text_len", "grid", "width", "depth", "heads",
+              "mlp_ratio", "attn_pattern", "conv_kernel"):
+        assert getattr(mcfg, f) == getattr(paper, f), f
+    # Same parameter tree as the paper's model (12.3B with embeddings and heads).
+    assert (tfm.count_params(tfm.abstract_variables(mcfg))
+            == tfm.count_params(tfm.abstract_variables(paper)))
+    assert mcfg.scan_layers and mcfg.remat == "full" and mcfg.dtype == "bfloat16"
