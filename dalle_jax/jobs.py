@@ -335,7 +335,8 @@ def sample(cfg, workdir: str) -> None:
         for split in [x.strip() for x in str(s.eval_splits).split(",") if x.strip()]:
             source = TokenSource(str(cfg.data.tokens_dir), split)
             m = min(int(s.eval_captions), len(source))
-            caps = [str(source[i]["caption"]) for i in range(m)]
+            examples = [source[i] for i in range(m)]
+            caps = [str(ex["caption"]) for ex in examples]
             t0 = time.time()
             toks = sampler.tokens(caps, num_candidates=1, seed=seed, batch_size=bs)
             seconds = time.time() - t0
@@ -344,7 +345,7 @@ def sample(cfg, workdir: str) -> None:
             summary["sampling_seconds"] = round(seconds, 2)
             # The same check on the dVAE's reconstructions of the real images (their own
             # tokens, decoded): the most the transformer can reach through this dVAE.
-            real = np.stack([source[i]["image_tokens"] for i in range(m)])
+            real = np.stack([ex["image_tokens"] for ex in examples])
             real = real.reshape((m, source.grid, source.grid))
             recon = shapes_match.score(sampler.images(real, batch_size=bs), caps)
             summary["dvae_reconstruction"] = {k: recon[k] for k in ("count", "matched",
