@@ -46,8 +46,10 @@ def _reference_with_grads(q, k, v, proj, mask_LL):
                    static_argnames=("kind", "text_len", "grid", "kernel", "rows_per_block"))
 def _structured_with_grads(q, k, v, proj, *, kind, text_len, grid, kernel,
                            rows_per_block=None):
+    # band_max_ratio=1: these small grids must exercise the band path, not its fallback.
     fn = functools.partial(attention.attend_structured, kind=kind, text_len=text_len,
-                           grid=grid, kernel=kernel, rows_per_block=rows_per_block)
+                           grid=grid, kernel=kernel, rows_per_block=rows_per_block,
+                           band_max_ratio=1.0)
     return _with_grads(fn, q, k, v, proj)
 
 
@@ -88,7 +90,8 @@ def test_rows_per_block_changes_cost_not_result(kind):
     np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
     for g, w in zip(grads, want_grads):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
-    cost = attention.attention_cost(kind, text_len, grid, kernel, rows_per_block)
+    cost = attention.attention_cost(kind, text_len, grid, kernel, rows_per_block,
+                                    band_max_ratio=1.0)
     assert cost["path"] == "band" and cost["rows_per_block"] == rows_per_block
     n_blocks = -(-grid // rows_per_block)
     window_rows = rows_per_block + cost["window"]
@@ -110,7 +113,7 @@ def test_bfloat16_close_to_float32(kind):
     text_len, grid, kernel = CONFIGS[0]
     q, k, v, proj = _inputs(text_len, grid, dtype=jnp.bfloat16, seed=2)
     out = _JIT(functools.partial(attention.attend_structured, kind=kind, text_len=text_len,
-                                 grid=grid, kernel=kernel))(q, k, v)
+                                 grid=grid, kernel=kernel, band_max_ratio=1.0))(q, k, v)
     assert out.dtype == jnp.bfloat16 and out.shape == q.shape
     mask_LL = jnp.asarray(masks.mask(text_len, grid, kind, kernel=kernel))
     # Float32 math on the same (bfloat16-rounded) inputs.
@@ -132,7 +135,7 @@ def test_never_builds_the_full_logits(kind):
     n = text_len + grid * grid
     q, k, v, _ = _inputs(text_len, grid)
     fn = functools.partial(attention.attend_structured, kind=kind, text_len=text_len,
-                           grid=grid, kernel=kernel)
+                           grid=grid, kernel=kernel, band_max_ratio=1.0)
     jaxpr = jax.make_jaxpr(jax.grad(lambda *a: fn(*a).sum(), argnums=(0, 1, 2)))(q, k, v)
     for aval in _avals(jaxpr.jaxpr):
         assert list(getattr(aval, "shape", ())).count(n) < 2, aval
@@ -169,6 +172,24 @@ def test_cost_falls_with_the_mask():
     assert costs["row"]["ratio"] < 0.3 and costs["column"]["ratio"] < 0.3
     # No saving when the band covers the whole image: dense fallback.
     assert attention.attention_cost("conv_2d", 2, 3, 11)["path"] == "dense"
+
+
+def test_band_that_saves_too_little_runs_dense():
+    # The paper's 11x11 conv on an 8x8 grid would still compute 72% of the dense logits.
+    banded = attention.attention_cost("conv_raster", 32, 8, 11, band_max_ratio=1.0)
+    assert banded["path"] == "band" and banded["ratio"] > attention.BAND_MAX_RATIO
+    auto = attention.attention_cost("conv_raster", 32, 8, 11)
+    assert auto["path"] == "dense" and auto["ratio"] == 1.0
+    # Rows and columns at that size, and the conv kinds at 16x16, stay structured.
+    assert attention.attention_cost("row", 32, 8, 11)["path"] == "band"
+    assert attention.attention_cost("conv_raster", 64, 16, 11)["path"] == "band"
+    # Either way the result is the dense masked attention.
+    q, k, v, proj = _inputs(32, 8, seed=5)
+    out = _JIT(functools.partial(attention.attend_structured, kind="conv_raster",
+                                 text_len=32, grid=8))(q, k, v)
+    want = _reference_with_grads(q, k, v, proj,
+                                 jnp.asarray(masks.mask(32, 8, "conv_raster", kernel=11)))[0]
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_output_keeps_logical_constraint():

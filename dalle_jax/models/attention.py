@@ -37,8 +37,9 @@ them out changes nothing. Candidate image keys per kind:
   lower-triangular ``(G, G)`` mask per column, ``T + G`` logits per image query. This is
   the paper's transposed column mask (Fig. 11c), obtained by reshaping instead of
   permuting the sequence.
-* ``dense``, and any band whose one-row window already covers the image (``(w+1)*G >= I``):
-  the dense masked path.
+* ``dense``, any band whose one-row window already covers the image (``(w+1)*G >= I``),
+  and any band that would still compute more than `BAND_MAX_RATIO` of the dense logits
+  (e.g. the paper's 11x11 conv mask on an 8x8 grid): the dense masked path.
 
 The block structure is checked against ``masks.mask`` when a layout is first built (text
 never sees image, image sees all text, no allowed key outside the window), so a change to
@@ -72,6 +73,12 @@ STRUCTURED_KINDS = ("dense", "row", "column", "conv_raster", "conv_2d")
 # Default band blocking: query rows are grouped until a block holds this many cells
 # (capped at w rows). Small per-row matmuls run far below peak; at G >= 32 this is 1 row.
 _MIN_BLOCK_QUERIES = 32
+# A band layer whose structured logits are more than this fraction of the dense L x L
+# takes the dense path instead: the window copies and the gradient sums over them cost
+# more than the logits they save. Measured on CPU (fwd + bwd of one layer, B=16, H=4,
+# K=64): conv_raster at T=32, G=8 (ratio 0.72) is 2.0x slower banded than dense; at T=64,
+# G=16 (ratio 0.52) banding is 1.3x faster; row at T=32, G=8 (0.44) is a tie.
+BAND_MAX_RATIO = 0.6
 
 
 def _constrain(x: jax.Array) -> jax.Array:
@@ -114,7 +121,8 @@ def _band_width(image_II: np.ndarray, grid: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _layout(kind: str, text_len: int, grid: int, kernel: int,
-            rows_per_block: int | None = None) -> _Layout:
+            rows_per_block: int | None = None,
+            band_max_ratio: float = BAND_MAX_RATIO) -> _Layout:
     kind = masks.ALIASES.get(kind, kind)
     if kind not in STRUCTURED_KINDS:
         raise ValueError(f"attend_structured supports kinds "
@@ -162,12 +170,16 @@ def _layout(kind: str, text_len: int, grid: int, kernel: int,
     # No allowed key may lie outside the window (the rows below r are excluded by causality).
     if int(band_NQW.sum()) != int(image_II.sum()):
         raise AssertionError(f"{kind}: allowed image keys outside the {nb + w}-row window")
+    banded = t * t + n_img * t + band_NQW.size
+    if banded > band_max_ratio * (t + n_img) ** 2:  # too little saved to pay the overhead
+        return _Layout("dense", w, text_QS, None)
     return _Layout("band", w, text_QS, np.ascontiguousarray(band_NQW), nb)
 
 
 def attention_cost(kind: str, text_len: int, grid: int,
                    kernel: int = masks.PAPER_CONV_KERNEL,
-                   rows_per_block: int | None = None) -> dict:
+                   rows_per_block: int | None = None,
+                   band_max_ratio: float = BAND_MAX_RATIO) -> dict:
     """Query-key logits computed per batch element and head, structured vs dense.
 
     Returns ``{"kind", "path", "window", "rows_per_block", "allowed", "structured", "dense",
@@ -176,7 +188,7 @@ def attention_cost(kind: str, text_len: int, grid: int,
     ``I x T`` image-to-text block and the per-kind image block, window and block padding
     included), ``dense`` the ``L x L`` of dense attention and ``ratio = structured / dense``.
     """
-    lay = _layout(kind, text_len, grid, kernel, rows_per_block)
+    lay = _layout(kind, text_len, grid, kernel, rows_per_block, band_max_ratio)
     t, g = text_len, grid
     n_img, n = g * g, text_len + grid * grid
     dense = n * n
@@ -282,7 +294,8 @@ def _column_attend(q_BHRCK: jax.Array, k_BHTK: jax.Array, v_BHTK: jax.Array,
 def attend_structured(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *,
                       kind: str, text_len: int, grid: int,
                       kernel: int = masks.PAPER_CONV_KERNEL,
-                      rows_per_block: int | None = None) -> jax.Array:
+                      rows_per_block: int | None = None,
+                      band_max_ratio: float = BAND_MAX_RATIO) -> jax.Array:
     """Masked attention of mask ``kind`` over ``T`` text + ``G*G`` image slots, ``(B, L, H, K)``.
 
     Equal to ``dense_attend(q, k, v, masks.mask(text_len, grid, kind, kernel=kernel))`` up to
@@ -290,7 +303,9 @@ def attend_structured(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *
     docstring). ``kind`` is one of `STRUCTURED_KINDS` or ``"conv"`` (= ``conv_raster``).
     ``rows_per_block`` (band kinds only) is how many image query rows share one key window;
     ``None`` picks the default, and values that would make the window cover the whole image
-    are lowered. It changes the cost, never the result.
+    are lowered. ``band_max_ratio``: a band kind whose structured logits exceed this
+    fraction of the dense ``L x L`` runs the dense path (``1.0`` keeps every band that
+    fits). Both change the cost, never the result.
     """
     t, g = text_len, grid
     b, n, h, kd = q_BLHK.shape
@@ -298,7 +313,7 @@ def attend_structured(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *
         raise ValueError(f"attend_structured expects q, k, v of shape (B, {t + g * g}, H, K) "
                          f"for text_len={t}, grid={g}; got {q_BLHK.shape}, {k_BLHK.shape}, "
                          f"{v_BLHK.shape}")
-    lay = _layout(kind, t, g, kernel, rows_per_block)
+    lay = _layout(kind, t, g, kernel, rows_per_block, band_max_ratio)
     if lay.path == "dense":
         mask_LL = masks.mask(t, g, kind, kernel=kernel)
         return dense_attend(q_BLHK, k_BLHK, v_BLHK, jnp.asarray(mask_LL))
