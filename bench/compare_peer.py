@@ -7,7 +7,10 @@ other in one sitting, and prints both results with the speed ratios.
 
 Everything after ``--`` goes to both scripts unchanged (their flags are the same). Prints
 one JSON object: ``ours``, ``peer``, ``train_speedup`` (our training tokens/s over the
-peer's) and ``sample_speedup`` (the peer's seconds per image over ours).
+peer's) and ``sample_speedup`` (the peer's seconds per image over ours); with ``--rounds N``
+the N paired results and the median of each ratio. ``train_speedup`` compares median step
+times; ``train_speedup_fastest_step`` compares each side's fastest step, the estimate least
+disturbed by other load on a shared machine.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -33,14 +37,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--peer-python", required=True, help="python of the DALLE-pytorch venv")
     p.add_argument("--python", default=sys.executable, help="python with dalle_jax installed")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate ours / peer this many times and report the median ratios "
+                        "(the machine's speed drifts over minutes; pairing runs cancels it)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the shared benchmark flags")
     a = p.parse_args()
     shared = [x for x in a.args if x != "--"]
-    ours = run_json([a.python, os.path.join(HERE, "transformer.py"), *shared])
-    peer = run_json([a.peer_python, os.path.join(HERE, "peer_dalle_pytorch.py"), *shared])
-    out = {"ours": ours, "peer": peer,
-           "train_speedup": round(ours["train_tokens_per_s"] / peer["train_tokens_per_s"], 2),
-           "sample_speedup": round(peer["sample_s_per_image"] / ours["sample_s_per_image"], 2)}
+    rounds = []
+    for _ in range(a.rounds):
+        ours = run_json([a.python, os.path.join(HERE, "transformer.py"), *shared])
+        peer = run_json([a.peer_python, os.path.join(HERE, "peer_dalle_pytorch.py"), *shared])
+        rounds.append({
+            "ours": ours, "peer": peer,
+            "train_speedup": round(ours["train_tokens_per_s"] / peer["train_tokens_per_s"], 2),
+            "train_speedup_fastest_step": round(peer["train_step_min_s"]
+                                                / ours["train_step_min_s"], 2),
+            "sample_speedup": round(peer["sample_s_per_image"] / ours["sample_s_per_image"], 2)})
+    out = dict(rounds[-1]) if a.rounds == 1 else {
+        "rounds": rounds,
+        "train_speedup": statistics.median(r["train_speedup"] for r in rounds),
+        "train_speedup_fastest_step": statistics.median(
+            r["train_speedup_fastest_step"] for r in rounds),
+        "sample_speedup": statistics.median(r["sample_speedup"] for r in rounds)}
     print(json.dumps(out, indent=2))
 
 

@@ -110,14 +110,14 @@ def model_flops_per_step(mcfg: tfm.TransformerConfig, batch: int) -> float:
     return 3.0 * forward * batch
 
 
-def _median_time(fn, n: int, warmup: int) -> float:
+def _times(fn, n: int, warmup: int) -> list[float]:
     times = []
     for i in range(warmup + n):
         t = time.perf_counter()
         fn()
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
 def bench_train(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
@@ -147,9 +147,11 @@ def bench_train(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
             holder["state"], holder["acc"] = compiled(holder["state"], holder["acc"], batch)
             jax.block_until_ready(holder["acc"])
 
-        step_s = _median_time(run, a.steps, a.warmup)
+        times = _times(run, a.steps, a.warmup)
+    step_s = statistics.median(times)
     out = {"params": tfm.count_params(holder["state"].params), "train_step_s": round(step_s, 4),
         "train_tokens_per_s": round(a.batch * mcfg.seq_len / step_s, 1),
+        "train_step_min_s": round(min(times), 4),
         "train_compile_s": round(compile_s, 1)}
     flops = model_flops_per_step(mcfg, a.batch)
     out["train_model_flops"] = flops
@@ -189,7 +191,7 @@ def bench_sampling(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
     t0 = time.perf_counter()
     run()
     compile_s = time.perf_counter() - t0
-    s = _median_time(run, a.samples, 0)
+    s = statistics.median(_times(run, a.samples, 0))
     return {"sample_batch": a.sample_batch, "sample_s": round(s, 4),
             "sample_s_per_image": round(s / a.sample_batch, 4),
             "sample_image_tokens_per_s": round(a.sample_batch * mcfg.image_len / s, 1),
