@@ -29,6 +29,12 @@ Results land in WORKDIR/metrics.jsonl and WORKDIR/exports/step_N; `sample` write
 WORKDIR/samples/ (a grid for DEMO_CAPTIONS, and the caption-match rates of single samples
 for validation captions (in-distribution objects) and test_compositional captions
 (held-out objects)).
+
+Sampling uses temperature 0.7 (`sample.temperature`; no top-k / top-p). Caption match
+(validation / held-out) of one trained demo model at temperatures 1 / 0.85 / 0.7 / 0.5:
+46.5% / 24%, 48.5% / 31.5%, 54.5% / 39.5%, 52.5% / 41.5%. A model this small spreads
+probability over codes it has not learned to place, and sharpening the distribution
+removes most of those stray cells; below ~0.7 the rates level off.
 """
 
 import common  # noqa: I001
@@ -85,6 +91,6 @@ def get_config(arg=None):
     # params / dvae_params "": the newest export of WORKDIR / of the dVAE run that wrote
     # the tokens (the directory above data.tokens_dir).
     c.sample = dict(params="", dvae_params="", captions=DEMO_CAPTIONS, num_candidates=8, seed=0,
-                    temperature=1.0, top_k=0, top_p=1.0, batch_size=64, eval_captions=200,
+                    temperature=0.7, top_k=0, top_p=1.0, batch_size=64, eval_captions=200,
                     eval_splits="validation,test_compositional")
     return c
