@@ -170,10 +170,23 @@ def _layout(kind: str, text_len: int, grid: int, kernel: int,
     # No allowed key may lie outside the window (the rows below r are excluded by causality).
     if int(band_NQW.sum()) != int(image_II.sum()):
         raise AssertionError(f"{kind}: allowed image keys outside the {nb + w}-row window")
-    banded = t * t + n_img * t + band_NQW.size
+    banded = _logits_computed("band", t, g, band_NQW)
     if banded > band_max_ratio * (t + n_img) ** 2:  # too little saved to pay the overhead
         return _Layout("dense", w, text_QS, None)
     return _Layout("band", w, text_QS, np.ascontiguousarray(band_NQW), nb)
+
+
+def _logits_computed(path: str, text_len: int, grid: int, image: np.ndarray | None) -> int:
+    """Query-key logits one (batch element, head) computes on ``path``: the ``T x T`` text
+    block and ``I x T`` image-to-text block, plus the path's image block (the band's
+    ``image`` mask, window and block padding included, or ``G`` keys per column query);
+    the dense path computes all ``L x L``."""
+    t, n_img = text_len, grid * grid
+    if path == "band":
+        return t * t + n_img * t + image.size
+    if path == "column":
+        return t * t + n_img * t + n_img * grid
+    return (t + n_img) ** 2
 
 
 def attention_cost(kind: str, text_len: int, grid: int,
@@ -189,16 +202,8 @@ def attention_cost(kind: str, text_len: int, grid: int,
     included), ``dense`` the ``L x L`` of dense attention and ``ratio = structured / dense``.
     """
     lay = _layout(kind, text_len, grid, kernel, rows_per_block, band_max_ratio)
-    t, g = text_len, grid
-    n_img, n = g * g, text_len + grid * grid
-    dense = n * n
-    if lay.path == "band":
-        n_blocks, block_q, window_k = lay.image.shape
-        structured = t * t + n_img * t + n_blocks * block_q * window_k
-    elif lay.path == "column":
-        structured = t * t + n_img * t + n_img * g
-    else:
-        structured = dense
+    dense = (text_len + grid * grid) ** 2
+    structured = _logits_computed(lay.path, text_len, grid, lay.image)
     allowed = int(masks.mask(text_len, grid, kind, kernel=kernel).sum())
     return {"kind": masks.ALIASES.get(kind, kind), "path": lay.path, "window": lay.window,
             "rows_per_block": lay.rows_per_block, "allowed": allowed,
