@@ -171,7 +171,7 @@ def _layout(kind: str, text_len: int, grid: int, kernel: int,
     if int(band_NQW.sum()) != int(image_II.sum()):
         raise AssertionError(f"{kind}: allowed image keys outside the {nb + w}-row window")
     banded = _logits_computed("band", t, g, band_NQW)
-    if banded > band_max_ratio * (t + n_img) ** 2:  # too little saved to pay the overhead
+    if banded > band_max_ratio * _logits_computed("dense", t, g, None):  # too little saved
         return _Layout("dense", w, text_QS, None)
     return _Layout("band", w, text_QS, np.ascontiguousarray(band_NQW), nb)
 
@@ -202,7 +202,7 @@ def attention_cost(kind: str, text_len: int, grid: int,
     included), ``dense`` the ``L x L`` of dense attention and ``ratio = structured / dense``.
     """
     lay = _layout(kind, text_len, grid, kernel, rows_per_block, band_max_ratio)
-    dense = (text_len + grid * grid) ** 2
+    dense = _logits_computed("dense", text_len, grid, None)
     structured = _logits_computed(lay.path, text_len, grid, lay.image)
     allowed = int(masks.mask(text_len, grid, kind, kernel=kernel).sum())
     return {"kind": masks.ALIASES.get(kind, kind), "path": lay.path, "window": lay.window,
