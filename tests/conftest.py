@@ -19,6 +19,17 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite the checked-in golden files (tests/golden/) instead of "
+                          "comparing against them")
+
+
+@pytest.fixture
+def update_golden(request):
+    return request.config.getoption("--update-golden")
+
+
 @pytest.fixture(scope="module")
 def fast_compile():
     """Compiles with most XLA optimisations off (about half the CPU compile time) for the

@@ -41,14 +41,15 @@ def _teacher_forced(params, config, text, image, n_prefix):
     cache = smp.init_cache(config, text.shape[0])
     x = smp.prefix_embeddings(params, config, text, image[:, :n_prefix])
     h, cache = smp.forward_cached(params, config, x, 0, cache)
-    text_logits = jnp.einsum("btd,dv->btv", h[:, :config.text_len], params["text_head"])
-    image_logits = [smp.image_logits(params, h[:, config.text_len:])]
+    text_logits = tr.unpad(
+        jnp.einsum("btd,dv->btv", h[:, :config.text_len], params["text_head"]), config.text_vocab)
+    image_logits = [smp.image_logits(params, config, h[:, config.text_len:])]
     _, image_in = tr.make_inputs(text, image, config.boi_id)
     for k in range(n_prefix, config.image_len):
         x = tr.embed_image(params["image_embed"], params["row_embed"], params["col_embed"],
                            image_in[:, k:k + 1], start=k)
         h, cache = smp.forward_cached(params, config, x, config.text_len + k, cache)
-        image_logits.append(smp.image_logits(params, h))
+        image_logits.append(smp.image_logits(params, config, h))
     return text_logits, jnp.concatenate(image_logits, axis=1)
 
 

@@ -88,6 +88,8 @@ def test_shapes_and_finite(use_jit):
     fn = tr.Transformer(TINY).apply
     fn = jax.jit(fn) if use_jit else fn
     logits_text, logits_image = fn({"params": _params(TINY)}, text, image)
+    # Heads are stored padded to a multiple of 128; the logits are the real vocabularies.
+    assert (TINY.text_vocab_padded, TINY.image_vocab_padded) == (128, 128)
     assert logits_text.shape == (2, TEXT_LEN, TINY.text_vocab)
     assert logits_image.shape == (2, GRID * GRID, TINY.image_vocab)
     assert logits_text.dtype == logits_image.dtype == jnp.float32
@@ -108,7 +110,8 @@ def test_every_param_has_logical_axes():
         assert all(a is None or a in sharding.LOGICAL_AXES for a in spec), name
         if "layers" in name:
             assert spec[0] == "layers" and shape.shape[0] == TINY.depth, name
-    assert specs["layers"]["qkv_kernel"] == P("layers", "embed", None, "heads", "kv")
+    assert specs["layers"]["qkv_kernel"] == P("layers", "embed", None, "attn")
+    assert specs["layers"]["out_kernel"] == P("layers", "attn", "embed")
     # Every preset resolves every name (unknown names would raise).
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     for preset in sharding.RULES:
@@ -138,7 +141,11 @@ def test_init_matches_module_and_distribution():
     }
     for name, std in stds.items():
         assert abs(float(p["layers"][name].std()) / std - 1) < 0.1, name
-    assert abs(float(p["text_embed"].std()) / (0.125 / math.sqrt(d)) - 1) < 0.2
+    text_embed = p["text_embed"][:TINY.text_vocab]
+    assert abs(float(text_embed.std()) / (0.125 / math.sqrt(d)) - 1) < 0.2
+    # Vocabulary padding rows start at zero (and are never looked up).
+    assert not p["text_embed"][TINY.text_vocab:].any()
+    assert not p["image_embed"][TINY.image_vocab + 1:].any()
     assert abs(float(p["text_pos"].std()) / (0.125 / math.sqrt(2 * d)) - 1) < 0.2
     # Zero heads: the first prediction is uniform within each modality.
     text, image = _batch(TINY)
@@ -178,7 +185,9 @@ def test_paper_size_param_count():
     print(f"paper-size transformer parameters: {n:,}")
     d = 3968
     per_layer = 12 * d * d + 13 * d
-    embed = (16384 + 256 + 256 + 8193 + 2 * 32) * d
+    # Vocabulary tables padded to multiples of 128: text 16,640 already is; the image
+    # embedding's 8,192 codes + BOI become 8,320 rows.
+    embed = (16384 + 256 + 256 + 8320 + 2 * 32) * d
     heads = d * (16384 + 256 + 8192)
     assert n == 64 * per_layer + embed + heads + 2 * d
     assert 11.5e9 < n < 12.5e9
@@ -251,7 +260,7 @@ def test_pads_have_their_own_embeddings():
     eb = model.apply(params, text_b, image_in, method=model.embed)
     assert np.abs(np.asarray(ea[0, 3] - eb[0, 3])).min() > 0
     np.testing.assert_array_equal(np.delete(ea, 3, axis=1), np.delete(eb, 3, axis=1))
-    table = params["params"]["text_embed"][BPE_VOCAB:]
+    table = params["params"]["text_embed"][BPE_VOCAB:TINY.text_vocab]
     assert len(np.unique(np.asarray(table), axis=0)) == TEXT_LEN
 
 
@@ -336,7 +345,7 @@ def test_sharded_fsdp_matches_single_device():
     init = jax.jit(functools.partial(tr.init_variables, TINY), out_shardings=shardings)
     fresh = init(jax.random.key(0))
     qkv = fresh["params"]["layers"]["qkv_kernel"].value
-    assert qkv.sharding.spec == P(None, "fsdp", None, None, None)
+    assert qkv.sharding.spec == P(None, "fsdp", None, None)
     assert len(qkv.addressable_shards) == 8 and qkv.addressable_shards[0].data.shape[1] == 8
 
     text, image = _batch(TINY, batch=8)

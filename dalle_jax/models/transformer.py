@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import sharding
 from dalle_jax.models import attention, masks
 
 PyTree = Any
@@ -72,9 +73,9 @@ INIT_SCALE = 0.125
 LN_EPS = 1e-5
 # `init_variables` cuts all normal parameters from one draw up to this many scalars.
 _ONE_DRAW_MAX = 1 << 26
-# Finite stand-in for -inf on masked logits. Every row keeps its diagonal, so no row is
-# fully masked and the softmax never divides by zero.
-_MASKED = float(np.finfo(np.float32).min)
+# Vocabulary tables (embeddings and heads) get rows up to a multiple of this by default
+# (`TransformerConfig.vocab_multiple`), so a tensor-sharded vocabulary divides the mesh.
+VOCAB_MULTIPLE = 128
 
 # Logical names of the main activations.
 _X_AXES = ("batch", "length", "embed")
@@ -117,6 +118,14 @@ class TransformerConfig:
         init_scale: the factor ``s`` of the initial weights N(0, s/sqrt(d_in)) (see
             `param_specs`); the Sparse Transformer's 0.125 by default. Only the
             initialisation depends on it.
+        vocab_multiple: the embedding tables and heads are stored with their vocabulary
+            rows padded up to a multiple of this (`text_vocab_padded`,
+            `image_vocab_padded`, `image_embed_rows`), so that a vocabulary sharded over a
+            tensor-parallel mesh axis divides it (the paper's image embedding has 8,193
+            rows with BOI, and a BPE model may end with fewer pieces than asked for).
+            Padding rows start at zero and are never looked up, and the heads' padding
+            columns are cut off the logits (`unpad`), so neither the model's distribution
+            nor its outputs' shapes depend on the padding.
     """
 
     text_vocab: int
@@ -137,10 +146,11 @@ class TransformerConfig:
     scan_layers: bool = False
     loss_text_weight: float = 1 / 8
     init_scale: float = INIT_SCALE
+    vocab_multiple: int = VOCAB_MULTIPLE
 
     def __post_init__(self):
         for name in ("text_vocab", "image_vocab", "grid", "width", "depth", "heads",
-                     "mlp_ratio"):
+                     "mlp_ratio", "vocab_multiple"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.text_len < 2:
@@ -175,6 +185,21 @@ class TransformerConfig:
         base = dict(text_vocab=16384 + 256, image_vocab=8192, text_len=256, grid=32,
                     width=3968, depth=64, heads=62)
         return cls(**{**base, **overrides})
+
+    @property
+    def text_vocab_padded(self) -> int:
+        """Rows of ``text_embed`` and columns of ``text_head``: ``text_vocab`` rounded up."""
+        return _round_up(self.text_vocab, self.vocab_multiple)
+
+    @property
+    def image_vocab_padded(self) -> int:
+        """Columns of ``image_head``: ``image_vocab`` rounded up."""
+        return _round_up(self.image_vocab, self.vocab_multiple)
+
+    @property
+    def image_embed_rows(self) -> int:
+        """Rows of ``image_embed``: the codes plus BOI, rounded up."""
+        return _round_up(self.image_vocab + 1, self.vocab_multiple)
 
     @property
     def image_len(self) -> int:
@@ -212,6 +237,10 @@ class TransformerConfig:
                      for k in masks.layer_kinds(self.depth, self.attn_pattern))
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // int(multiple)) * int(multiple)
+
+
 def layer_masks(config: TransformerConfig) -> tuple[np.ndarray, np.ndarray]:
     """The distinct masks ``(N, L, L)`` used by the model and each layer's index into them.
 
@@ -238,6 +267,16 @@ def make_inputs(text_BT: jax.Array, image_BI: jax.Array,
     """
     boi_B1 = jnp.full((image_BI.shape[0], 1), boi_id, image_BI.dtype)
     return text_BT, jnp.concatenate([boi_B1, image_BI[:, :-1]], axis=1)
+
+
+def unpad(logits_BSV: jax.Array, vocab: int) -> jax.Array:
+    """Float32 logits of a padded head without its padding columns (index >= ``vocab``).
+
+    The heads are stored with `TransformerConfig.vocab_multiple` padding so that a
+    tensor-sharded vocabulary divides the mesh; cutting the (at most multiple - 1)
+    padding columns off the output keeps them out of every softmax, loss and sample.
+    """
+    return logits_BSV[..., :vocab].astype(jnp.float32)
 
 
 def _cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Array:
@@ -331,13 +370,18 @@ def _dense(x_BLI: jax.Array, w_IO: jax.Array, b_O: jax.Array) -> jax.Array:
     return y.reshape(lead + (w_IO.shape[-1],))
 
 
-def qkv_projection(p: dict, h_BLD: jax.Array,
-                   dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries, keys and values ``(B, L, H, K)`` of one layer from the normed input."""
-    d, _, h, k = p["qkv_kernel"].shape
-    qkv = _dense(h_BLD.astype(dtype), p["qkv_kernel"].astype(dtype).reshape(d, 3 * h * k),
-                 p["qkv_bias"].astype(dtype).reshape(3 * h * k))
-    qkv = qkv.reshape(qkv.shape[:-1] + (3, h, k))
+def qkv_projection(p: dict, h_BLD: jax.Array, dtype: Any,
+                   heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys and values ``(B, L, H, K)`` of one layer from the normed input.
+
+    The kernel is stored ``(D, 3, H*K)``: the fused heads x head-width dim is what a
+    tensor-parallel mesh axis shards, so a head count that does not divide the tensor
+    degree (the paper's 62) still shards.
+    """
+    d, _, f = p["qkv_kernel"].shape
+    qkv = _dense(h_BLD.astype(dtype), p["qkv_kernel"].astype(dtype).reshape(d, 3 * f),
+                 p["qkv_bias"].astype(dtype).reshape(3 * f))
+    qkv = qkv.reshape(qkv.shape[:-1] + (3, heads, f // heads))
     return tuple(_constrain(qkv[..., i, :, :], _HEAD_AXES) for i in range(3))
 
 
@@ -352,7 +396,7 @@ def attention_branch(p: dict, x_BLD: jax.Array, kind: str,
     """``attention(norm(x))`` of one layer with mask ``kind`` (ST §5.2), in float32."""
     dt = config.compute_dtype
     h_BLD = layer_norm(x_BLD, p["ln1_scale"], p["ln1_bias"])
-    q, k, v = qkv_projection(p, h_BLD, dt)
+    q, k, v = qkv_projection(p, h_BLD, dt, config.heads)
     if config.attention == "structured":
         out_BLHK = attention.attend_structured(q, k, v, kind=kind, text_len=config.text_len,
                                                grid=config.grid, kernel=config.conv_kernel)
@@ -363,11 +407,10 @@ def attention_branch(p: dict, x_BLD: jax.Array, kind: str,
 
 
 def attention_output(p: dict, out_BLHK: jax.Array, dtype: Any) -> jax.Array:
-    """The attention output projection ``W_p``, returned in float32 ``(B, L, D)``."""
-    h, k, d = p["out_kernel"].shape
-    out_BLF = out_BLHK.reshape(out_BLHK.shape[:-2] + (h * k,))
-    y_BLD = _dense(out_BLF, p["out_kernel"].astype(dtype).reshape(h * k, d),
-                   p["out_bias"].astype(dtype))
+    """The attention output projection ``W_p`` (stored ``(H*K, D)``), returned in float32
+    ``(B, L, D)``."""
+    out_BLF = out_BLHK.reshape(out_BLHK.shape[:-2] + (-1,))
+    y_BLD = _dense(out_BLF, p["out_kernel"].astype(dtype), p["out_bias"].astype(dtype))
     return _constrain(y_BLD.astype(jnp.float32), _X_AXES)
 
 
@@ -388,13 +431,67 @@ def _dropout(y: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, y / (1.0 - rate), 0.0)
 
 
-def layer_forward(p: dict, x_BLD: jax.Array, key: jax.Array | None, *, kind: str,
+# The two resblocks of a layer and the layer parameters each one owns. Per-resblock
+# gradient scaling keeps one scale per (layer, resblock): column 0 attention, 1 MLP.
+RESBLOCKS = ("attn", "mlp")
+RESBLOCK_PARAMS = {
+    "attn": ("ln1_scale", "ln1_bias", "qkv_kernel", "qkv_bias", "out_kernel", "out_bias"),
+    "mlp": ("ln2_scale", "ln2_bias", "mlp_in_kernel", "mlp_in_bias", "mlp_out_kernel",
+            "mlp_out_bias"),
+}
+
+
+def grad_scaled(branch: Callable, p: PyTree, x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``branch(p, x)``, whose backward pass runs at gradient scale ``scale``.
+
+    The mixed-precision scheme of the paper (§2.4, App. D): the incoming float32 residual
+    gradient is multiplied by ``scale`` before it enters the 16-bit branch (where the
+    cast to the compute dtype rounds it), the branch runs backward in the compute dtype,
+    the activation gradient that leaves it has every non-finite value set to zero (so an
+    overflow here cannot lower the scales of the resblocks before it) and is divided by
+    ``scale`` before it joins the float32 residual gradient. The gradients of ``p`` are
+    returned *still multiplied* by ``scale``: the optimizer transform that owns the
+    scales (`dalle_jax.train.optim.per_resblock_grad_scaling`) divides them, checks them
+    for non-finite values and updates the scale. ``scale`` gets no gradient.
+    """
+
+    @jax.custom_vjp
+    def run(p, x, scale):
+        return branch(p, x)
+
+    def fwd(p, x, scale):
+        y, vjp = jax.vjp(branch, p, x)
+        return y, (vjp, scale)
+
+    def bwd(res, g):
+        vjp, scale = res
+        dp, dx = vjp(g * scale.astype(g.dtype))
+        dx = jnp.where(jnp.isfinite(dx), dx, jnp.zeros_like(dx)) / scale.astype(dx.dtype)
+        return dp, dx, jnp.zeros_like(scale)
+
+    run.defvjp(fwd, bwd)
+    return run(p, x, scale)
+
+
+def layer_forward(p: dict, x_BLD: jax.Array, key: jax.Array | None,
+                  scales: jax.Array | None = None, *, kind: str,
                   config: TransformerConfig) -> jax.Array:
     """One layer with mask ``kind``: two pre-LN resblocks on the float32 residual stream
-    (ST §5.2)."""
-    k_attn, k_mlp = (None, None) if key is None else tuple(jax.random.split(key))
-    x_BLD = x_BLD + _dropout(attention_branch(p, x_BLD, kind, config), config.dropout, k_attn)
-    x_BLD = x_BLD + _dropout(mlp_branch(p, x_BLD, config), config.dropout, k_mlp)
+    (ST §5.2).
+
+    ``scales`` (shape ``(2,)``: attention, MLP), when given, runs each resblock's backward
+    pass at its own gradient scale (`grad_scaled`).
+    """
+    branches = {"attn": functools.partial(attention_branch, kind=kind, config=config),
+                "mlp": functools.partial(mlp_branch, config=config)}
+    keys = (None, None) if key is None else tuple(jax.random.split(key))
+    for i, name in enumerate(RESBLOCKS):
+        p_block = {n: p[n] for n in RESBLOCK_PARAMS[name]}
+        if scales is None:
+            y_BLD = branches[name](p_block, x_BLD)
+        else:
+            y_BLD = grad_scaled(branches[name], p_block, x_BLD, scales[i])
+        x_BLD = x_BLD + _dropout(y_BLD, config.dropout, keys[i])
     return _constrain(x_BLD, _X_AXES)
 
 
@@ -415,16 +512,34 @@ def _remat(fn: Callable, config: TransformerConfig) -> Callable:
 
 
 class ParamSpec(NamedTuple):
-    """Shape, logical axes and initial distribution of one parameter."""
+    """Shape, logical axes and initial distribution of one parameter.
+
+    ``live`` (normal init only): the leading block that is drawn; the rest of ``shape``
+    (vocabulary padding) starts at zero. None: the whole shape is drawn.
+    """
 
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     init: str  # "normal" (mean 0, stddev `std`), "zeros" or "ones"
     std: float = 0.0
+    live: tuple[int, ...] | None = None
+
+    @property
+    def drawn_shape(self) -> tuple[int, ...]:
+        return self.shape if self.live is None else self.live
+
+    def from_noise(self, noise: jax.Array) -> jax.Array:
+        """The initial value from standard-normal ``noise`` of `drawn_shape`."""
+        value = noise.reshape(self.drawn_shape) * self.std
+        pad = [(0, s - d) for s, d in zip(self.shape, self.drawn_shape)]
+        return jnp.pad(value, pad) if any(p for _, p in pad) else value
 
     def initializer(self) -> Callable:
         if self.init == "normal":
-            return nn.initializers.normal(self.std)
+            def init(key, shape, dtype=jnp.float32):
+                return self.from_noise(jax.random.normal(key, self.drawn_shape, dtype))
+
+            return init
         return nn.initializers.zeros if self.init == "zeros" else nn.initializers.ones
 
 
@@ -442,7 +557,9 @@ def param_specs(config: TransformerConfig) -> dict[str, Any]:
     * the two matrices that write into the residual stream (attention output W_p and the
       second MLP matrix W2) further scaled by 1/sqrt(2 * depth), so the stream's variance
       stays O(1) across the 2 * depth resblocks;
-    * the output (logit) matrices 0, so the first prediction is uniform per modality.
+    * the output (logit) matrices 0, so the first prediction is uniform per modality;
+    * vocabulary padding rows (`TransformerConfig.vocab_multiple`) 0: only the real rows
+      are drawn, so the padding does not change the values of the others.
     """
     c = config
     n, d, h, k, f = c.depth, c.width, c.heads, c.head_dim, c.mlp_width
@@ -452,13 +569,14 @@ def param_specs(config: TransformerConfig) -> dict[str, Any]:
     lnd = ("layers", "embed")
     ones = lambda shape, axes: ParamSpec(shape, axes, "ones")  # noqa: E731
     zeros = lambda shape, axes: ParamSpec(shape, axes, "zeros")  # noqa: E731
-    normal = lambda shape, axes, std: ParamSpec(shape, axes, "normal", std)  # noqa: E731
+    normal = lambda shape, axes, std, live=None: ParamSpec(  # noqa: E731
+        shape, axes, "normal", std, live)
     layers = {
         "ln1_scale": ones((n, d), lnd),
         "ln1_bias": zeros((n, d), lnd),
-        "qkv_kernel": normal((n, d, 3, h, k), ("layers", "embed", None, "heads", "kv"), w_in),
-        "qkv_bias": zeros((n, 3, h, k), ("layers", None, "heads", "kv")),
-        "out_kernel": normal((n, h, k, d), ("layers", "heads", "kv", "embed"),
+        "qkv_kernel": normal((n, d, 3, h * k), ("layers", "embed", None, "attn"), w_in),
+        "qkv_bias": zeros((n, 3, h * k), ("layers", None, "attn")),
+        "out_kernel": normal((n, h * k, d), ("layers", "attn", "embed"),
                              s / math.sqrt(h * k) * res),
         "out_bias": zeros((n, d), lnd),
         "ln2_scale": ones((n, d), lnd),
@@ -470,17 +588,18 @@ def param_specs(config: TransformerConfig) -> dict[str, Any]:
         "mlp_out_bias": zeros((n, d), lnd),
     }
     return {
-        "text_embed": normal((c.text_vocab, d), ("vocab", "embed"), s / math.sqrt(d)),
+        "text_embed": normal((c.text_vocab_padded, d), ("vocab", "embed"), s / math.sqrt(d),
+                             (c.text_vocab, d)),
         "text_pos": normal((c.text_len, d), ("length", "embed"), s / math.sqrt(2 * d)),
-        "image_embed": normal((c.image_vocab + 1, d), ("vocab", "embed"),
-                              s / math.sqrt(d)),
+        "image_embed": normal((c.image_embed_rows, d), ("vocab", "embed"), s / math.sqrt(d),
+                              (c.image_vocab + 1, d)),
         "row_embed": normal((c.grid, d), ("height", "embed"), s / math.sqrt(3 * d)),
         "col_embed": normal((c.grid, d), ("width", "embed"), s / math.sqrt(3 * d)),
         "layers": layers,
         "final_ln_scale": ones((d,), ("embed",)),
         "final_ln_bias": zeros((d,), ("embed",)),
-        "text_head": zeros((d, c.text_vocab), ("embed", "vocab")),
-        "image_head": zeros((d, c.image_vocab), ("embed", "vocab")),
+        "text_head": zeros((d, c.text_vocab_padded), ("embed", "vocab")),
+        "image_head": zeros((d, c.image_vocab_padded), ("embed", "vocab")),
     }
 
 
@@ -528,11 +647,17 @@ class Transformer(nn.Module):
         self.image_head = _param(self, "image_head", specs["image_head"])
 
     def __call__(self, text_BT: jax.Array, image_BI: jax.Array, *,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-        """Logits of every target from a caption's text slots and its image tokens."""
+                 deterministic: bool = True,
+                 grad_scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Logits of every target from a caption's text slots and its image tokens.
+
+        ``grad_scales`` ``(depth, 2)`` (attention, MLP per layer) turns on per-resblock
+        gradient scaling in the backward pass (`grad_scaled`); the forward is unchanged.
+        """
         text_in_BT, image_in_BI = make_inputs(text_BT, image_BI, self.config.boi_id)
         x_BLD = self.embed(text_in_BT, image_in_BI)
-        return self.from_embeddings(x_BLD, deterministic=deterministic)
+        return self.from_embeddings(x_BLD, deterministic=deterministic,
+                                    grad_scales=grad_scales)
 
     def create_params(self) -> None:
         """Creates every parameter without a forward pass (``init(rng, method=...)``)."""
@@ -545,9 +670,13 @@ class Transformer(nn.Module):
         image_BID = embed_image(self.image_embed, self.row_embed, self.col_embed, image_in_BI)
         return _constrain(jnp.concatenate([text_BTD, image_BID], axis=1), _X_AXES)
 
-    def encode(self, x_BLD: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def encode(self, x_BLD: jax.Array, *, deterministic: bool = True,
+               grad_scales: jax.Array | None = None) -> jax.Array:
         """The layer stack and the final LayerNorm: ``(B, L, D) -> (B, L, D)`` float32."""
         c = self.config
+        if grad_scales is not None and grad_scales.shape != (c.depth, len(RESBLOCKS)):
+            raise ValueError(f"grad_scales must have shape {(c.depth, len(RESBLOCKS))}, got "
+                             f"{grad_scales.shape}")
         params = self.layers()
         kinds = c.layer_kinds()
         distinct = tuple(dict.fromkeys(kinds))
@@ -563,30 +692,38 @@ class Transformer(nn.Module):
             index = jnp.asarray([distinct.index(k) for k in kinds], jnp.int32)
 
             def body(x, xs):
-                p_l, kind_l, key_l = xs
+                p_l, kind_l, key_l, scales_l = xs
                 if len(branches) == 1:
-                    return branches[0](p_l, x, key_l), None
-                return jax.lax.switch(kind_l, branches, p_l, x, key_l), None
+                    return branches[0](p_l, x, key_l, scales_l), None
+                return jax.lax.switch(kind_l, branches, p_l, x, key_l, scales_l), None
 
-            x_BLD, _ = jax.lax.scan(body, x_BLD, (params, index, keys))
+            x_BLD, _ = jax.lax.scan(body, x_BLD, (params, index, keys, grad_scales))
         else:
             for l in range(c.depth):
                 p_l = jax.tree.map(lambda a: a[l], params)
-                x_BLD = layer[kinds[l]](p_l, x_BLD, None if keys is None else keys[l])
+                x_BLD = layer[kinds[l]](p_l, x_BLD, None if keys is None else keys[l],
+                                        None if grad_scales is None else grad_scales[l])
         return layer_norm(x_BLD, self.final_ln_scale, self.final_ln_bias)
 
     def logits(self, h_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Float32 text logits on the text slots and image logits on the image slots."""
-        t = self.config.text_len
+        """Float32 text logits on the text slots and image logits on the image slots.
+
+        Their last dims are ``text_vocab`` and ``image_vocab`` (the heads' padding columns
+        are cut off, `unpad`).
+        """
+        c = self.config
         h_BLD = h_BLD.astype(jnp.float32)
-        logits_text_BTV = _dense(h_BLD[:, :t], self.text_head, 0.0)
-        logits_image_BIC = _dense(h_BLD[:, t:], self.image_head, 0.0)
+        logits_text_BTV = unpad(_dense(h_BLD[:, :c.text_len], self.text_head, 0.0),
+                                c.text_vocab)
+        logits_image_BIC = unpad(_dense(h_BLD[:, c.text_len:], self.image_head, 0.0),
+                                 c.image_vocab)
         return _constrain(logits_text_BTV, _LOGIT_AXES), _constrain(logits_image_BIC, _LOGIT_AXES)
 
-    def from_embeddings(self, x_BLD: jax.Array, *,
-                        deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    def from_embeddings(self, x_BLD: jax.Array, *, deterministic: bool = True,
+                        grad_scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """`logits` of `encode`: the model from slot embeddings on."""
-        return self.logits(self.encode(x_BLD, deterministic=deterministic))
+        return self.logits(self.encode(x_BLD, deterministic=deterministic,
+                                       grad_scales=grad_scales))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -607,7 +744,7 @@ def init_variables(config: TransformerConfig, rng: jax.Array, *,
     boxed = jax.eval_shape(init, jax.random.key(0))["params"]
     is_spec = lambda x: isinstance(x, ParamSpec)  # noqa: E731
     specs, treedef = jax.tree.flatten(param_specs(config), is_leaf=is_spec)
-    sizes = [math.prod(s.shape) if s.init == "normal" else 0 for s in specs]
+    sizes = [math.prod(s.drawn_shape) if s.init == "normal" else 0 for s in specs]
     if one_draw is None:
         one_draw = sum(sizes) <= _ONE_DRAW_MAX
     noise = jax.random.normal(rng, (sum(sizes),), jnp.float32) if one_draw else None
@@ -616,11 +753,12 @@ def init_variables(config: TransformerConfig, rng: jax.Array, *,
         if spec.init != "normal":
             values.append(jnp.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, jnp.float32))
         elif one_draw:
-            values.append(noise[offset:offset + size].reshape(spec.shape) * spec.std)
+            values.append(spec.from_noise(noise[offset:offset + size]))
             offset += size
         else:
             key = jax.random.fold_in(rng, i)
-            values.append(jax.random.normal(key, spec.shape, jnp.float32) * spec.std)
+            values.append(spec.from_noise(jax.random.normal(key, spec.drawn_shape,
+                                                            jnp.float32)))
     is_box = lambda b: isinstance(b, nn.meta.AxisMetadata)  # noqa: E731
     params = jax.tree.map(lambda b, v: b.replace_boxed(v), boxed,
                           jax.tree.unflatten(treedef, values), is_leaf=is_box)
@@ -634,7 +772,7 @@ def abstract_variables(config: TransformerConfig) -> dict[str, Any]:
 
 def count_params(tree: PyTree) -> int:
     """Number of scalars in a (possibly abstract or boxed) parameter tree."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(tree)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(sharding.unboxed(tree)))
 
 
 def dummy_inputs(config: TransformerConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:

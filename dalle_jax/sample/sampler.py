@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import sharding
 from dalle_jax.models import transformer as tfm
 
 PyTree = Any
@@ -112,7 +113,7 @@ def forward_cached(params: PyTree, config: tfm.TransformerConfig, x_BQD: jax.Arr
     for l in range(config.depth):
         p = jax.tree.map(lambda a: a[l], layers)
         h_BQD = tfm.layer_norm(x_BQD, p["ln1_scale"], p["ln1_bias"])
-        q, k, v = tfm.qkv_projection(p, h_BQD, dt)
+        q, k, v = tfm.qkv_projection(p, h_BQD, dt, config.heads)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype),
                                                (l, 0, start, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype),
@@ -139,9 +140,10 @@ def prefix_embeddings(params: PyTree, config: tfm.TransformerConfig, text_BT: ja
     return jnp.concatenate([x_BTD, x_BPD], axis=1)
 
 
-def image_logits(params: PyTree, h_BQD: jax.Array) -> jax.Array:
-    """Float32 image logits of normed hidden states."""
-    return jnp.einsum("bqd,dv->bqv", h_BQD.astype(jnp.float32), params["image_head"])
+def image_logits(params: PyTree, config: tfm.TransformerConfig, h_BQD: jax.Array) -> jax.Array:
+    """Float32 image logits of normed hidden states (the head's padding cut off)."""
+    logits = jnp.einsum("bqd,dv->bqv", h_BQD.astype(jnp.float32), params["image_head"])
+    return tfm.unpad(logits, config.image_vocab)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -200,7 +202,7 @@ def sample_tokens(params: PyTree, text_BT: jax.Array, sample_ids_B: jax.Array, k
         x_B1D = (jnp.take(params["image_embed"], in_B, axis=0)
                  + jax.lax.dynamic_index_in_dim(pos_ID, k, axis=0, keepdims=False))[:, None]
         h_B1D, cache = forward_cached(params, config, x_B1D, t + k, cache)
-        logits_BC = filter_logits(image_logits(params, h_B1D)[:, 0], sampling)
+        logits_BC = filter_logits(image_logits(params, config, h_B1D)[:, 0], sampling)
         step_keys = jax.vmap(lambda sk: jax.random.fold_in(sk, k))(sample_keys)
         z_B = jax.vmap(jax.random.categorical)(step_keys, logits_BC).astype(jnp.int32)
         tokens_BI = jax.lax.dynamic_update_index_in_dim(tokens_BI, z_B, k, axis=1)
@@ -227,10 +229,8 @@ class Sampler:
 
     def __init__(self, config: tfm.TransformerConfig, params: PyTree, text_tokenizer: Any,
                  image_tokenizer: Any = None, sampling: SamplingConfig = SamplingConfig()):
-        import flax.linen as nn
-
         self.config = config
-        self.params = nn.unbox(params)
+        self.params = sharding.unboxed(params)
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer
         self.sampling = sampling

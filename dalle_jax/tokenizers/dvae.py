@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import sharding
+
 # Paper §A.3 eq. 3: pixels are squeezed into [eps, 1 - eps] so that the logit-Laplace
 # density (supported on (0, 1)) never has to model the endpoints.
 LOGIT_LAPLACE_EPS = 0.1
@@ -356,7 +358,10 @@ class Decoder(nn.Module):
                 x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             x = nn.with_logical_constraint(x, _ACT_AXES)
             n_in = width
-        stats = Head(n_in, 2 * c.input_channels, dt, name="output")(nn.relu(x))
+        # Its few output channels (mu and ln b per colour) are named "channels", which no
+        # preset shards: 6 outputs would not divide an fsdp degree of 4 or 8.
+        stats = Head(n_in, 2 * c.input_channels, dt, out_axis="channels",
+                     name="output")(nn.relu(x))
         return stats.astype(jnp.float32)
 
 
@@ -407,7 +412,7 @@ def _abstract_variables(config: DVAEConfig) -> dict[str, Any]:
 
 def abstract_params(config: DVAEConfig) -> dict[str, Any]:
     """Shapes and dtypes of the parameters (unboxed), allocating nothing."""
-    return nn.unbox(_abstract_variables(config))["params"]
+    return sharding.unboxed(_abstract_variables(config))["params"]
 
 
 def init_params(config: DVAEConfig, rng: jax.Array) -> dict[str, Any]:
