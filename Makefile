@@ -10,7 +10,7 @@ PIP_QUIET := --quiet --disable-pip-version-check
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all setup setup-test lock clean-demo
+.PHONY: demo test test-all golden setup setup-test lock clean-demo
 
 $(VENV)/.stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(VENV)/.stamp-test
 
 test-all: $(VENV)/.stamp-test
 	$(PY) -m pytest -m "not gpu" -n 2 --durations=25 $(PYTEST_ARGS)
+
+# Rewrites the checked-in sharding tables (tests/golden/) after a deliberate change to a
+# model's parameters or the sharding rules; review the diff before committing it.
+golden: $(VENV)/.stamp-test
+	$(PY) -m pytest tests/sharding_golden_test.py --update-golden -q
 
 lock: $(VENV)/.stamp-test
 	{ echo "# Exact versions used by CI and the README set-up (Python 3.11). Regenerate with"; \

@@ -124,7 +124,7 @@ def bench_train(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     rules = sharding.get_rules("dp")
     task = lm_task.model_task(mcfg, {"kind": "benchmark"})
-    tx, lr_fn = optim.build(optim_config())
+    tx, lr_fn = optim.build(optim_config(), loop.param_axes(task))
     rng = np.random.default_rng(0)
     batch_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh, rules, 2))
     batch = {

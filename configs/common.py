@@ -75,8 +75,27 @@ def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
 
 
 def precision(compute_dtype: str = "float32") -> mlc.ConfigDict:
-    """Parameters and optimizer state stay fp32; `compute_dtype` is bf16 on TPU/GPU runs."""
-    return mlc.ConfigDict(dict(param_dtype="float32", compute_dtype=compute_dtype))
+    """Parameters and optimizer state stay fp32; `compute_dtype` is bf16 on TPU/GPU runs.
+
+    ``float16`` turns on the paper's per-resblock gradient scaling (stage 2 only), with the
+    rule of ``grad_scaling`` (App. D): every scale starts at M * 2^init_log2, doubles every
+    ``doubling_updates`` finite updates, is divided by 2^backoff_log2 on a non-finite
+    gradient at most once per ``window`` updates, and stays within M * [2^min_log2,
+    2^max_log2], where M = ``replicas`` or, when 0, the number of batch shards of the mesh.
+    """
+    scaling = dict(init_log2=13.0, min_log2=7.0, max_log2=24.0, doubling_updates=1000,
+                   backoff_log2=0.5, window=125, replicas=0)
+    return mlc.ConfigDict(dict(param_dtype="float32", compute_dtype=compute_dtype,
+                               grad_scaling=scaling))
+
+
+def plan(device_memory_gib: float = 16.0, **model_sizes) -> mlc.ConfigDict:
+    """Options of ``--job=plan`` (the memory planner): the device count the mesh is resolved
+    for (0: the devices present; they need not exist), one device's memory, and the fraction
+    of it a plan may use. A stage-2 config also gives the dVAE's ``image_vocab`` and
+    ``grid``, used when its token directory does not exist yet."""
+    return mlc.ConfigDict(dict(num_devices=0, device_memory_gib=float(device_memory_gib),
+                               margin=0.9, **model_sizes))
 
 
 def checkpointing(every: int = 1000, keep: int = 3) -> mlc.ConfigDict:
@@ -114,17 +133,18 @@ def dvae_optim() -> mlc.ConfigDict:
     lr = dict(kind="cosine", start_value=1e-4, end_value=1.25e-6, steps=1_200_000, warmup=0,
               shape="half")
     return mlc.ConfigDict(dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
-                               clip_global_norm=0.0, grad_accum=1, ema_decay=0.999, ema_every=1,
-                               lr=lr))
+                               max_variance=0.0, clip_global_norm=0.0, grad_accum=1,
+                               ema_decay=0.999, ema_every=1, lr=lr))
 
 
 def transformer_optim(peak: float = 4.5e-4, steps: int = 1_000_000, warmup: int = 5_000,
                       end_value: float = 0.0) -> mlc.ConfigDict:
     """AdamW(0.9, 0.96, 1e-8, wd 4.5e-2), global-norm clipping at 4 and a parameter EMA
     (paper §B.2). The paper's learning rate warms up linearly to 4.5e-4 over 5k updates
-    and is then halved on plateaus; configs with a fixed step count use cosine decay."""
+    and is then halved on plateaus; configs with a fixed step count use cosine decay.
+    ``max_variance`` clips Adam's running variance by value (the paper: 5; 0 = off)."""
     lr = dict(kind="warmup_cosine", peak=peak, end_value=end_value, warmup=warmup, steps=steps,
               shape="half")
     return mlc.ConfigDict(dict(name="adamw", b1=0.9, b2=0.96, eps=1e-8, weight_decay=4.5e-2,
-                               clip_global_norm=4.0, grad_accum=1, ema_decay=0.99, ema_every=25,
-                               lr=lr))
+                               max_variance=0.0, clip_global_norm=4.0, grad_accum=1,
+                               ema_decay=0.99, ema_every=25, lr=lr))

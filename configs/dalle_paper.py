@@ -48,9 +48,11 @@ def get_config(arg=None):
                    conv_kind="raster", remat="full", scan_layers=True, loss_text_weight=1 / 8)
     c.optim = common.transformer_optim(peak=4.5e-4, steps=c.total_steps, warmup=5_000)
     c.optim.lr = dict(kind="warmup_halving", peak=4.5e-4, warmup=5_000, halve_at=HALVE_AT)
+    c.optim.max_variance = 5.0  # App. B.2: Adam's running variance clipped by value to 5
     c.mesh = common.mesh(data=-1, fsdp=arg.fsdp, tensor=arg.tensor)
     c.sharding_rules = "fsdp_tp" if arg.tensor > 1 else "fsdp"
     c.precision = common.precision("bfloat16")
+    c.plan = common.plan(image_vocab=8192, grid=32)
     c.ckpt = common.checkpointing(every=2_500)
     c.log = common.logging(every=100)
     c.evals = dict(val=dict(num_batches=16))

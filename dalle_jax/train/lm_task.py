@@ -19,7 +19,7 @@ from dalle_jax import sharding
 from dalle_jax.data import text_pipeline
 from dalle_jax.data.tokens import read_meta
 from dalle_jax.models import transformer
-from dalle_jax.train import loop
+from dalle_jax.train import loop, optim
 
 # Fields that only choose how the model is computed, not what it is: a checkpoint may be
 # resumed with another value (the parameters are the same either way).
@@ -65,18 +65,33 @@ def make_task(cfg, workdir: str, tokenizer) -> loop.Task:
     return model_task(mcfg, identity(mcfg, tokenizer, meta), evaluator)
 
 
+def resblock_layout(mcfg: transformer.TransformerConfig) -> optim.ResblockLayout:
+    """Per-resblock gradient scaling's view of the transformer: one row per layer, one
+    column per resblock (attention, MLP), each ``layers/<name>`` leaf in its resblock."""
+    column = {name: i for i, block in enumerate(transformer.RESBLOCKS)
+              for name in transformer.RESBLOCK_PARAMS[block]}
+
+    def block_of(path: str) -> int | None:
+        head, _, name = path.partition("/")
+        return column[name] if head == "layers" else None
+
+    return optim.ResblockLayout(rows=mcfg.depth, names=transformer.RESBLOCKS,
+                                block_of=block_of)
+
+
 def model_task(mcfg: transformer.TransformerConfig, ident: dict,
                evaluate: Any = None) -> loop.Task:
     """The `loop.Task` of a transformer config: init, the paper's weighted loss with dropout
-    keyed by the step's rng, batches of ``text_tokens`` and ``image_tokens``."""
+    keyed by the step's rng, batches of ``text_tokens`` and ``image_tokens``; float16 runs
+    get per-resblock gradient scaling through ``grad_scales``."""
     model = transformer.Transformer(mcfg)
     weight = float(mcfg.loss_text_weight)
 
-    def loss_fn(params, batch, rng, step):
+    def loss_fn(params, batch, rng, step, grad_scales=None):
         del step
         logits_text, logits_image = model.apply(
             {"params": params}, batch["text_tokens"], batch["image_tokens"],
-            deterministic=False, rngs={"dropout": rng})
+            deterministic=False, rngs={"dropout": rng}, grad_scales=grad_scales)
         loss, metrics = transformer.loss_fn(logits_text, logits_image, batch["text_tokens"],
                                             batch["image_tokens"], text_weight=weight)
         metrics.pop("loss")  # the loop records the loss itself
@@ -90,6 +105,7 @@ def model_task(mcfg: transformer.TransformerConfig, ident: dict,
         device_batch=lambda b: {"text_tokens": b["text_tokens"], "image_tokens": b["image_tokens"]},
         evaluate=evaluate,
         tokens_per_example=mcfg.seq_len,
+        resblocks=resblock_layout(mcfg),
     )
 
 

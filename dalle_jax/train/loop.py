@@ -14,6 +14,7 @@ export or checkpoint: params only, fresh optimizer) → scratch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -21,7 +22,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +61,9 @@ class Task:
       evaluate: ``(params, step) -> metrics`` run every ``eval_every`` steps and at the end.
       tokens_per_example: sequence length of one example; when set, the loop also logs
         ``perf/tokens_per_second``.
+      resblocks: the model's resblock layout for per-resblock gradient scaling (float16
+        training). A task that has one accepts ``grad_scales=`` in ``loss_fn`` and runs each
+        resblock's backward pass at its scale; a task without one cannot train in float16.
     """
 
     name: str
@@ -71,6 +74,7 @@ class Task:
     summarize: Callable[[dict], dict] | None = None
     evaluate: Callable[[PyTree, int], dict] | None = None
     tokens_per_example: int = 0
+    resblocks: optim.ResblockLayout | None = None
 
 
 class _Stop:
@@ -101,6 +105,40 @@ def _tree_norm(tree: PyTree) -> jax.Array:
     return optax.tree.norm(tree)
 
 
+def param_axes(task: Task) -> PyTree:
+    """Logical axis names of every parameter, from an abstract init (nothing allocated)."""
+    abstract = jax.eval_shape(task.init_variables, jax.random.key(0))
+    return sharding.logical_specs(abstract["params"])
+
+
+def build_optimizer(cfg, task: Task, mesh) -> tuple[optax.GradientTransformation, Callable]:
+    """``(tx, lr_fn)`` of a run: ``cfg.optim``, with per-resblock gradient scaling when
+    ``cfg.precision.compute_dtype`` is float16.
+
+    float16 needs the scaling (its 5-bit exponent underflows the late resblocks'
+    gradients, paper §2.4), so a float16 run of a task without a resblock layout is
+    refused rather than trained unscaled.
+    """
+    axes = param_axes(task)
+    if str(cfg.precision.compute_dtype) != "float16":
+        return optim.build(cfg.optim, axes)
+    if task.resblocks is None:
+        raise ValueError(
+            f"precision.compute_dtype=float16 needs per-resblock gradient scaling, which the "
+            f"{task.name!r} task does not implement; train it in bfloat16 or float32")
+    rules = sharding.get_rules(cfg.sharding_rules)
+    replicas = _batch_shards(mesh, rules)
+    rule = optim.GradScalingRule.from_config(cfg.precision.grad_scaling, replicas)
+    return optim.build(cfg.optim, axes, resblocks=task.resblocks, scaling=rule)
+
+
+def _batch_shards(mesh, rules) -> int:
+    """How many ways the batch is split: the data-parallel replica count M of the paper."""
+    lead = sharding.batch_spec(mesh, rules, 1)[0]
+    axes = () if lead is None else (lead,) if isinstance(lead, str) else lead
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
 def _abstract_state(task: Task, tx, mesh, rules, seed: int):
     """Shapes + shardings of the train state, computed without allocating anything."""
 
@@ -115,11 +153,11 @@ def _abstract_state(task: Task, tx, mesh, rules, seed: int):
     shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
 
     def create_unboxed(rng):
-        return nn.meta.unbox(create(rng))
+        return sharding.unboxed(create(rng))
 
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.meta.unbox(abstract_boxed), shardings)
+        sharding.unboxed(abstract_boxed), shardings)
     return abstract, shardings, create_unboxed
 
 
@@ -137,20 +175,33 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, lr_fn: Callabl
     ``acc`` holds the running sums of the step metrics (the task's, plus ``loss``,
     ``grad_norm``, ``param_norm``, ``update_norm`` and ``lr``). Benchmarks time this same
     function, so their figures are the training loop's.
+
+    With per-resblock gradient scaling (``tx`` from `build_optimizer` for float16) the
+    step reads the current scales from the optimizer state and passes them to the loss;
+    ``grad_norm`` is then the norm of the unscaled gradients (non-finite values counted
+    as 0), and the scaler's metrics (`optim.scaling_metrics`) join the step metrics.
     """
     base_key = jax.random.key(seed + 1)
 
     def train_step(state: TrainState, acc: dict, batch: dict):
         rng = jax.random.fold_in(base_key, state.step)
-        grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+        scales = optim.grad_scales(state.opt_state)
+        loss_fn = (task.loss_fn if scales is None
+                   else functools.partial(task.loss_fn, grad_scales=scales))
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(state.params, batch, rng, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        true_grads = grads
+        if scales is not None:
+            true_grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0),
+                                      optim.unscale(grads, scales, task.resblocks))
+            metrics = dict(metrics, **optim.scaling_metrics(opt_state, task.resblocks))
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
         do_ema = (step % ema_every) == 0
         ema = jax.tree.map(lambda e, p: jnp.where(do_ema, ema_decay * e + (1 - ema_decay) * p, e),
                            state.ema_params, params)
-        metrics = dict(metrics, loss=loss, grad_norm=_tree_norm(grads),
+        metrics = dict(metrics, loss=loss, grad_norm=_tree_norm(true_grads),
                        param_norm=_tree_norm(params), update_norm=_tree_norm(updates),
                        lr=lr_fn(state.step))
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
@@ -158,6 +209,54 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, lr_fn: Callabl
         return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema), acc
 
     return train_step
+
+
+def compile_train_step(task: Task, tx: optax.GradientTransformation, lr_fn: Callable, mesh,
+                       rules, batch: dict, *, ema_decay: float, ema_every: int, seed: int = 0):
+    """Lowers and compiles `make_train_step` ahead of time from abstract inputs.
+
+    Nothing is allocated: the state is `eval_shape`-d with its shardings, and ``batch``
+    maps each batch key to a `jax.ShapeDtypeStruct` (global shape; it is placed on the
+    mesh's batch axes here). Returns ``(compiled, zero_acc)``: the executable the loop
+    runs (state and accumulators donated) and the zeroed metric accumulators it takes.
+    The step is traced under `sharding.activation_rules`, so the model's activation
+    constraints apply. Tests use it to read `memory_report` of a configuration without
+    running it.
+    """
+    abstract, state_sh, _ = _abstract_state(task, tx, mesh, rules, seed)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
+        mesh, sharding.batch_spec(mesh, rules, len(v.shape)))) for k, v in batch.items()}
+    rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    acc_shapes = jax.eval_shape(functools.partial(metric_accumulator, task), abstract, batch)
+    zero_acc = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), acc_shapes), rep)
+    acc = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                       acc_shapes)
+    step = make_train_step(task, tx, lr_fn, ema_decay=ema_decay, ema_every=ema_every, seed=seed)
+    step_fn = jax.jit(step, donate_argnums=(0, 1),
+                      out_shardings=(state_sh, jax.tree.map(lambda _: rep, acc)))
+    with sharding.activation_rules(mesh, rules):
+        lowered = step_fn.lower(abstract, acc, batch)
+    return lowered.compile(), zero_acc
+
+
+def memory_report(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled program from XLA's memory analysis: ``argument_bytes``,
+    ``output_bytes``, ``alias_bytes`` (outputs that reuse donated arguments), ``temp_bytes``
+    and ``peak_bytes`` (arguments + outputs - aliased + temporaries). Empty where the backend
+    does not report it."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (not every backend reports it)
+        return {}
+    if mem is None:
+        return {}
+    out = {"argument_bytes": int(mem.argument_size_in_bytes),
+           "output_bytes": int(mem.output_size_in_bytes),
+           "alias_bytes": int(mem.alias_size_in_bytes),
+           "temp_bytes": int(mem.temp_size_in_bytes)}
+    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                         + out["temp_bytes"])
+    return out
 
 
 def init_state(task: Task, tx: optax.GradientTransformation, mesh, rules, seed: int):
@@ -172,6 +271,10 @@ def metric_accumulator(task: Task, state: TrainState, batch: dict) -> dict:
         lambda s, b: task.loss_fn(s.params, b, jax.random.key(0), s.step)[1], state, batch)
     acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
     acc.update({k: jnp.zeros((), jnp.float32) for k in _LOOP_METRICS})
+    if optim.grad_scales(state.opt_state) is not None:
+        names = jax.eval_shape(lambda o: optim.scaling_metrics(o, task.resblocks),
+                               state.opt_state)
+        acc.update({k: jnp.zeros((), jnp.float32) for k in names})
     return acc
 
 
@@ -194,10 +297,17 @@ def train(
         ``get_state``/``set_state``).
       stop_at_step: stop early (with a checkpoint) once this step is reached; used to
         simulate interruptions and to split long runs.
+
+    The step and the evaluations are traced under the config's mesh and logical-axis
+    rules (`sharding.activation_rules`), so the models' activation constraints shard
+    activations as the preset says (e.g. heads and MLP over ``tensor`` with ``fsdp_tp``).
     """
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.get_rules(cfg.sharding_rules)
-    tx, lr_fn = optim.build(cfg.optim)
+    # Before anything is allocated or compiled: every parameter must divide its mesh axes.
+    sharding.check_shardable(jax.eval_shape(task.init_variables, jax.random.key(0)),
+                             dict(mesh.shape), rules)
+    tx, lr_fn = build_optimizer(cfg, task, mesh)
     seed = int(cfg.seed)
     total_steps = int(cfg.total_steps)
     ema_decay = float(cfg.optim.ema_decay)
@@ -240,9 +350,6 @@ def train(
     logging.info("params: %s", f"{param_count(state.params):,}")
 
     # ---- the step ------------------------------------------------------------------
-    train_step = make_train_step(task, tx, lr_fn, ema_decay=ema_decay, ema_every=ema_every,
-                                 seed=seed)
-
     first = train_iter.__next__()
     batch_sh = {k: NamedSharding(mesh, sharding.batch_spec(mesh, rules, np.ndim(v)))
                 for k, v in task.device_batch(first).items()}
@@ -253,24 +360,16 @@ def train(
                 for k, v in arrays.items()}
 
     dev_first = put(first)
-    # Metric accumulators: shapes from one abstract evaluation of the step's metrics.
-    zero_acc = metric_accumulator(task, abstract, dev_first)
-    rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    zero_acc = jax.device_put(zero_acc, rep)
-
-    step_fn = jax.jit(train_step, donate_argnums=(0, 1),
-                      out_shardings=(state_sh, jax.tree.map(lambda _: rep, zero_acc)))
     t0 = time.time()
-    compiled = step_fn.lower(state, zero_acc, dev_first).compile()
+    compiled, zero_acc = compile_train_step(
+        task, tx, lr_fn, mesh, rules, {k: jax.typeof(v) for k, v in dev_first.items()},
+        ema_decay=ema_decay, ema_every=ema_every, seed=seed)
     logging.info("step compiled in %.1fs", time.time() - t0)
-    try:
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            logging.info("step memory: args %.1f MiB, temp %.1f MiB, out %.1f MiB",
-                         mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
-                         mem.output_size_in_bytes / 2**20)
-    except Exception:  # noqa: BLE001  (not every backend reports it)
-        pass
+    mem = memory_report(compiled)
+    if mem:
+        logging.info("step memory per device: args %.1f MiB, temp %.1f MiB, out %.1f MiB, "
+                     "aliased %.1f MiB", *(mem[k] / 2**20 for k in (
+                         "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes")))
 
     writer = metrics_lib.MetricWriter(workdir)
     progress = _progress(total_steps, start_step, bool(cfg.log.progress_bar))
@@ -313,7 +412,8 @@ def train(
             if task.evaluate is not None and eval_every and (step % eval_every == 0 or step == total_steps):
                 eval_params = state.ema_params if ema_decay > 0 else state.params
                 t_eval = time.time()
-                ev = task.evaluate(eval_params, step)
+                with sharding.activation_rules(mesh, rules):
+                    ev = task.evaluate(eval_params, step)
                 ev["seconds"] = time.time() - t_eval
                 writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
                 window_t0 += time.time() - t_eval  # keep eval time out of the step rate
