@@ -94,6 +94,7 @@ def get_config(arg=None):
     c.mesh = common.mesh()
     c.sharding_rules = "dp"
     c.precision = common.precision()
+    c.plan = common.plan(image_vocab=256, grid=8)
     c.ckpt = common.checkpointing(every=max(1, steps // 4))
     c.log = common.logging(every=50)
     c.evals = dict(val=dict(num_batches=8))

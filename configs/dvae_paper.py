@@ -34,6 +34,7 @@ def get_config(arg=None):
     c.mesh = common.mesh()
     c.sharding_rules = "dp"
     c.precision = common.precision("bfloat16")
+    c.plan = common.plan()
     c.ckpt = common.checkpointing(every=5000)
     c.log = common.logging(every=100)
     # Pre-encoding for stage 2 (--job=encode): dVAE export (default: this workdir's newest),

@@ -95,6 +95,7 @@ def get_config(arg=None):
     c.mesh = common.mesh()
     c.sharding_rules = "dp"
     c.precision = common.precision()
+    c.plan = common.plan()
     c.ckpt = common.checkpointing(every=max(1, steps // 4))
     c.log = common.logging(every=50)
     # Pre-encoding for stage 2 (--job=encode): dVAE export (default: this workdir's newest),

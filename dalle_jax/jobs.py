@@ -360,9 +360,43 @@ def sample(cfg, workdir: str) -> None:
                      indent=2, default=str))
 
 
+def plan(cfg, workdir: str) -> None:
+    """Prints what one device holds to train this config on its mesh, and whether it fits.
+
+    ``plan.num_devices`` (0: the devices present) resolves the mesh; the devices need not
+    exist. ``plan.device_memory_gib`` is one device's memory. Prints the per-device table
+    (`dalle_jax.plan.Plan.format`) and, for each remat policy, the largest per-device
+    microbatch that fits; writes both to ``workdir/plan.json``. Exits with status 1 when
+    the config as given does not fit.
+    """
+    import jax
+
+    from dalle_jax import plan as plan_lib
+
+    n = int(cfg.plan.num_devices) or jax.device_count()
+    memory, margin = float(cfg.plan.device_memory_gib), float(cfg.plan.margin)
+    p = plan_lib.plan_config(cfg, n, memory, workdir=workdir, margin=margin)
+    print(p.format())
+    options = plan_lib.settings_that_fit(cfg, n, memory, workdir=workdir, margin=margin)
+    print(f"\nlargest per-device microbatch that fits in {memory:g} GiB (x{margin:g}):")
+    for o in options:
+        if o["fits"]:
+            print(f"  remat={o['remat']:<5} microbatch {o['microbatch']} per device "
+                  f"(batch {o['batch_per_step']} per step, grad_accum "
+                  f"{o['grad_accum_for_same_batch']} for the same batch per update): "
+                  f"{o['total_gib']:.2f} GiB")
+        else:
+            print(f"  remat={o['remat']:<5} does not fit even at 1 example per device")
+    if jax.process_index() == 0:
+        _write_json(os.path.join(workdir, "plan.json"), {"plan": p.to_dict(), "fit": options})
+    if not p.fits:
+        raise SystemExit(1)
+
+
 JOBS: dict[str, Callable] = {
     "encode": encode,
     "import_openai_dvae": import_openai_dvae,
+    "plan": plan,
     "prepare": prepare,
     "preview": preview,
     "sample": sample,
