@@ -253,23 +253,12 @@ def _mesh_and_batch(cfg, num_devices: int) -> tuple[dict[str, int], Any, int, in
     dims = sharding.mesh_shape(cfg.mesh, num_devices)
     mesh_shape = dict(zip(sharding.MESH_AXES, dims))
     rules = sharding.get_rules(cfg.sharding_rules)
-    shards = math.prod(mesh_shape[a] for a in sharding.spec_axes(dict(rules)["batch"]))
+    shards = sharding.batch_shards(mesh_shape, rules)
     global_batch = int(cfg.data.global_batch_size)
     if global_batch % shards:
         raise ValueError(f"data.global_batch_size={global_batch} does not divide over the "
                          f"{shards} batch shards of mesh {mesh_shape}")
     return mesh_shape, rules, global_batch, shards
-
-
-def _abstract_state(init_variables, tx) -> PyTree:
-    from dalle_jax.train import loop
-
-    def create(rng):
-        params = init_variables(rng)["params"]
-        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=tx.init(params), ema_params=params)
-
-    return jax.eval_shape(create, jax.random.key(0))
 
 
 def _transformer_config(cfg, workdir: str | None) -> tfm.TransformerConfig:
@@ -307,7 +296,7 @@ def plan_config(cfg, num_devices: int, device_memory_gib: float, *,
     transformer, a ``model.n_hid`` the dVAE. ``cfg.data.global_batch_size`` is the batch of
     one step (``optim.grad_accum`` steps make an update), split over the mesh's batch axes.
     """
-    from dalle_jax.train import optim
+    from dalle_jax.train import loop, optim
 
     mesh_shape, rules, global_batch, shards = _mesh_and_batch(cfg, num_devices)
     microbatch = global_batch // shards
@@ -340,7 +329,7 @@ def plan_config(cfg, num_devices: int, device_memory_gib: float, *,
     scaling = (optim.GradScalingRule.from_config(cfg.precision.grad_scaling, shards)
                if resblocks is not None else None)
     tx, _ = optim.build(cfg.optim, axes, resblocks=resblocks, scaling=scaling)
-    abstract = _abstract_state(init_variables, tx)
+    abstract = loop.abstract_train_state(init_variables, tx)
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(sharding.unboxed(abstract.params)))
     return Plan(what=what, mesh=mesh_shape, rules=str(cfg.sharding_rules),
                 compute_dtype=compute, remat=remat, microbatch=microbatch,

@@ -203,6 +203,12 @@ def batch_spec(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int = 1) -> P
     return P(lead, *([None] * (ndim - 1)))
 
 
+def batch_shards(mesh_shape: Mapping[str, int], rules: Sequence[tuple[str, Any]]) -> int:
+    """How many ways the ``batch`` rule splits a batch on these mesh degrees (the
+    data-parallel replica count)."""
+    return math.prod(int(mesh_shape.get(a, 1)) for a in spec_axes(dict(rules)["batch"]))
+
+
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{n}={s}" for n, s in mesh.shape.items()) + f" ({mesh.size} devices)"
 

@@ -9,8 +9,9 @@ This module owns:
 * the pure per-layer functions (`attention_branch`, `attention_output`, `mlp_branch`,
   `qkv_projection`, `attend`) and embeddings (`embed_text`, `embed_image`), kept
   module-level so the sampler (`dalle_jax.sample.sampler`) runs the same code with its KV
-  cache and a later mixed-precision step can wrap each resblock branch separately
-  (DESIGN §4);
+  cache, and so that float16 training wraps each resblock branch in its own gradient
+  scale (`grad_scaled`; the scales live in the optimizer,
+  `dalle_jax.train.optim.per_resblock_grad_scaling`);
 * `make_inputs` and `loss_fn`, the sequence and target conventions;
 * `param_specs` (shapes, logical axes and init of every parameter) and `init_variables`, the
   fast jittable init.
@@ -40,9 +41,18 @@ layout therefore serves training (either way), checkpoints and sampling, and swi
 ``scan_layers`` never needs a conversion. Each layer is a pure function of its slice, so
 `jax.checkpoint` (remat policies) and `jax.lax.scan` apply to it directly.
 
-Precision (paper §D item 2, spec §3.3): parameters, embeddings, the residual stream, layer
-norms and logits are float32; the matmuls inside the resblock branches run in
-``config.dtype`` and the attention softmax is float32.
+Precision (paper App. D item 2): parameters, embeddings, the residual stream, layer norms
+and logits are float32; the matmuls inside the resblock branches run in ``config.dtype``
+and the attention softmax is float32. In float16 the backward pass of each resblock
+branch runs at its own gradient scale (``grad_scales`` of `Transformer.__call__`,
+`grad_scaled`), the paper's per-resblock scaling (§2.4): one loss scale cannot keep both
+the early resblocks' large gradients and the late ones' small gradients inside float16's
+range.
+
+Parameter layout for sharding: the attention projections store their heads x head-width
+dim fused (``qkv_kernel (depth, D, 3, H*K)``, ``out_kernel (depth, H*K, D)``, logical axis
+``attn``), so a tensor-parallel axis can split it when the head count does not divide the
+tensor degree; the vocabulary tables are padded (`TransformerConfig.vocab_multiple`).
 """
 
 from __future__ import annotations

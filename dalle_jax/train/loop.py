@@ -127,29 +127,29 @@ def build_optimizer(cfg, task: Task, mesh) -> tuple[optax.GradientTransformation
             f"precision.compute_dtype=float16 needs per-resblock gradient scaling, which the "
             f"{task.name!r} task does not implement; train it in bfloat16 or float32")
     rules = sharding.get_rules(cfg.sharding_rules)
-    replicas = _batch_shards(mesh, rules)
+    replicas = sharding.batch_shards(dict(mesh.shape), rules)
     rule = optim.GradScalingRule.from_config(cfg.precision.grad_scaling, replicas)
     return optim.build(cfg.optim, axes, resblocks=task.resblocks, scaling=rule)
 
 
-def _batch_shards(mesh, rules) -> int:
-    """How many ways the batch is split: the data-parallel replica count M of the paper."""
-    lead = sharding.batch_spec(mesh, rules, 1)[0]
-    axes = () if lead is None else (lead,) if isinstance(lead, str) else lead
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+def _create_state(init_variables: Callable, tx, rng) -> TrainState:
+    """A fresh train state with boxed (logically partitioned) leaves."""
+    params = init_variables(rng)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params)
+
+
+def abstract_train_state(init_variables: Callable, tx, seed: int = 0) -> TrainState:
+    """The train state's shapes with their logical axes (boxed), allocating nothing; the
+    optimizer state's leaves carry the axes of the params they mirror."""
+    return jax.eval_shape(functools.partial(_create_state, init_variables, tx),
+                          jax.random.key(seed))
 
 
 def _abstract_state(task: Task, tx, mesh, rules, seed: int):
     """Shapes + shardings of the train state, computed without allocating anything."""
-
-    def create(rng):
-        variables = task.init_variables(rng)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), ema_params=params)
-
-    rng = jax.random.key(seed)
-    abstract_boxed = jax.eval_shape(create, rng)
+    create = functools.partial(_create_state, task.init_variables, tx)
+    abstract_boxed = abstract_train_state(task.init_variables, tx, seed)
     shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
 
     def create_unboxed(rng):
