@@ -328,3 +328,16 @@ def test_bfloat16_training_runs(token_dir, tokenizer, tmp_path):
     rows, losses = _losses(workdir)
     assert len(losses) == 3 and np.isfinite(losses).all()
     assert "grad_scale/log2_min" not in rows[3]  # scaling is for float16 only
+
+
+def test_a_mesh_that_cannot_shard_the_model_stops_the_job_before_it_starts(token_dir, tokenizer,
+                                                                             tmp_path):
+    cfg = _cfg(token_dir, tokenizer)
+    cfg.model.width = 36  # 36 does not divide over fsdp=8
+    cfg.mesh.update(data=1, fsdp=8)
+    cfg.sharding_rules = "fsdp"
+    workdir = tmp_path / "bad_mesh"
+    with pytest.raises(ValueError, match=r"(?s)layers/qkv_kernel.*dim 1 \('embed', size 36\) "
+                                         r"is not divisible by mesh fsdp=8"):
+        jobs.train(cfg, str(workdir))
+    assert not (workdir / "checkpoints").exists()

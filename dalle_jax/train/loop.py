@@ -120,7 +120,8 @@ def build_optimizer(cfg, task: Task, mesh) -> tuple[optax.GradientTransformation
     refused rather than trained unscaled.
     """
     axes = param_axes(task)
-    if str(cfg.precision.compute_dtype) != "float16":
+    precision = cfg.get("precision", None)
+    if precision is None or str(precision.compute_dtype) != "float16":
         return optim.build(cfg.optim, axes)
     if task.resblocks is None:
         raise ValueError(
@@ -128,7 +129,7 @@ def build_optimizer(cfg, task: Task, mesh) -> tuple[optax.GradientTransformation
             f"{task.name!r} task does not implement; train it in bfloat16 or float32")
     rules = sharding.get_rules(cfg.sharding_rules)
     replicas = sharding.batch_shards(dict(mesh.shape), rules)
-    rule = optim.GradScalingRule.from_config(cfg.precision.grad_scaling, replicas)
+    rule = optim.GradScalingRule.from_config(precision.grad_scaling, replicas)
     return optim.build(cfg.optim, axes, resblocks=task.resblocks, scaling=rule)
 
 
