@@ -1,6 +1,6 @@
 """Attention masks of the stage-2 transformer (paper §2.2, App. B.1, Fig. 11), as NumPy data.
 
-Sequence layout (DESIGN §3): ``T`` text slots, then ``I = G*G`` image slots. Image slot
+Sequence layout (see `dalle_jax.models.transformer`): ``T`` text slots, then ``I = G*G`` image slots. Image slot
 ``T + k`` holds ``[BOI, z_0, ..., z_{I-2}][k]``, predicts ``z_k`` and carries the row/column
 embedding of cell ``k``, so every image rule below is written on slot indices: for an image
 query ``k`` and image key ``k'`` (both counted from the first image slot), ``d = k - k'``.
@@ -59,7 +59,8 @@ def mask(text_len: int, grid: int, kind: str, *, kernel: int = PAPER_CONV_KERNEL
     """The ``(L, L)`` boolean mask ``allowed[q, j]`` of one attention kind, ``L = T + G*G``.
 
     Convolutional kinds, both the causal half of a centred ``kernel x kernel`` window on the
-    G x G grid (spec §2.4, ambiguity A8):
+    G x G grid (the paper says only "a causal convolutional attention pattern with
+    wraparound behavior ... 11x11 kernel", which admits two readings):
 
     * ``conv_raster`` (reading B, the default ``conv``): the window's offsets applied to the
       flat raster index, so a window that runs off the right edge continues at the start of

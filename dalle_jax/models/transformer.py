@@ -16,7 +16,8 @@ This module owns:
 * `param_specs` (shapes, logical axes and init of every parameter) and `init_variables`, the
   fast jittable init.
 
-Sequence layout (DESIGN §3, spec ambiguity A6). ``L = T + I`` slots, ``I = G*G``:
+Sequence layout (the paper's Fig. 10 as far as it can be read; the exact slot layout is not
+published). ``L = T + I`` slots, ``I = G*G``:
 
 * text slots ``0..T-1`` hold the caption slots ``[BOS, bpe..., pad_p...]`` exactly as the text
   tokenizer writes them (ids ``< text_vocab``; the pad of slot ``p`` is its own id, so pads
@@ -77,8 +78,8 @@ _REMAT = ("none", "full", "dots")
 _ATTENTION = ("structured", "dense")
 _CONV_KINDS = ("raster", "2d")
 
-# Sparse Transformer §6 init: N(0, 0.125/sqrt(d_in)) weights, embeddings alike (spec §2.3);
-# the default of `TransformerConfig.init_scale`.
+# Sparse Transformer (Child et al. 2019, §6) init: N(0, 0.125/sqrt(d_in)) weights, embeddings
+# alike; the default of `TransformerConfig.init_scale`.
 INIT_SCALE = 0.125
 LN_EPS = 1e-5
 # `init_variables` cuts all normal parameters from one draw up to this many scalars.
@@ -113,7 +114,8 @@ class TransformerConfig:
         dropout: dropout on each resblock branch output (paper: not stated, so 0).
         attn_pattern: layer mask pattern, see `masks.layer_kinds`.
         conv_kernel: window side of the convolutional mask (paper: 11).
-        conv_kind: ``"raster"`` (spec §2.4 reading B) or ``"2d"`` (reading A) for ``conv``.
+        conv_kind: ``"raster"`` (window offsets on the raster index, wrapping across rows)
+            or ``"2d"`` (the window on grid coordinates, clipped) for ``conv``; see `masks.mask`.
         dtype: compute dtype of the resblock matmuls.
         attention: ``"structured"`` (`attention.attend_structured`: only the logits a
             layer's mask can allow are computed, so row/column/conv layers cost a fraction
@@ -556,7 +558,7 @@ class ParamSpec(NamedTuple):
 def param_specs(config: TransformerConfig) -> dict[str, Any]:
     """Every parameter's `ParamSpec`, nested like the ``params`` collection.
 
-    Init follows the Sparse Transformer (ST §6; spec §2.3; whether DALL·E kept it is not
+    Init follows the Sparse Transformer (ST §6; whether DALL·E kept it is not
     stated), with every "N(0, s)" read as a standard deviation and ``s = init_scale``
     (ST: 0.125):
 

@@ -8,9 +8,10 @@ the training forward uses (``transformer.layer_masks``). Sampling logits therefo
 the training forward's logits for the same sequence (tested), so the masks hold during
 sampling exactly as in training.
 
-Randomness (DESIGN §2, RNG): sample ``i`` draws slot ``k`` with
-``fold_in(fold_in(key, i), k)``, where ``i`` is the sample's *global* index (prompt index
-times candidates plus candidate, see `Sampler.generate`). An image is therefore a pure
+Randomness (as everywhere in the project, keys come from ``fold_in`` of a global index):
+sample ``i`` draws slot ``k`` with ``fold_in(fold_in(key, i), k)``, where ``i`` is the
+sample's *global* index (prompt index times candidates plus candidate, see
+`Sampler.generate`). An image is therefore a pure
 function of (caption, seed, sample index): it does not change with the batch size, the
 number of devices or the other prompts in the batch.
 

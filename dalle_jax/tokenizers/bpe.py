@@ -50,7 +50,8 @@ import sentencepiece as spm
 from absl import logging
 from sentencepiece import sentencepiece_model_pb2
 
-# Paper fn. 5 and §B.2: "We also apply 10% BPE dropout" (spec ambiguity A1).
+# Paper fn. 5 and §B.2: "We also apply 10% BPE dropout" (10%, not the 20% some
+# re-implementations use).
 PAPER_DROPOUT = 0.1
 # Paper §2.2: vocabulary of 16,384 and at most 256 text tokens.
 PAPER_VOCAB_SIZE = 16384

@@ -506,7 +506,8 @@ def to_unit_interval(images: jax.Array) -> jax.Array:
 def gumbel_softmax(logits: jax.Array, rng: jax.Array, tau: float | jax.Array) -> jax.Array:
     """Soft relaxed sample ``softmax((logits + g) / tau)``, g ~ Gumbel(0, 1), over the last axis.
 
-    Soft in both passes, no straight-through estimator (paper §2.1; author in spec §1.4).
+    Soft in both passes, no straight-through estimator (paper §2.1; the first author
+    confirmed the soft relaxation in both passes on the openai/DALL-E issue tracker).
     """
     logits = logits.astype(jnp.float32)
     g = jax.random.gumbel(rng, logits.shape, jnp.float32)
@@ -516,7 +517,9 @@ def gumbel_softmax(logits: jax.Array, rng: jax.Array, tau: float | jax.Array) ->
 def kl_to_uniform(logits: jax.Array) -> jax.Array:
     """KL(softmax(logits) || uniform) per position, over the last axis, in nats.
 
-    Uses the unrelaxed categorical even when tau > 0 (author's answer, spec §1.4).
+    Uses the unrelaxed categorical even when tau > 0 (the first author's answer on the
+    openai/DALL-E issue tracker: the KL is taken from the logits' softmax, not the
+    relaxed sample).
     """
     logits = logits.astype(jnp.float32)
     log_q = jax.nn.log_softmax(logits, axis=-1)

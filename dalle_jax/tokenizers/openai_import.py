@@ -1,7 +1,7 @@
 """Import of OpenAI's released dVAE weights, and the dVAE parameter checkpoint format.
 
 OpenAI published ``encoder.pkl`` and ``decoder.pkl``: whole pickled ``torch.nn.Module``s of
-the ``dall_e`` package (spec §6), whose state dicts are named ``blocks.<path>.{w,b}`` with
+the ``dall_e`` package (github.com/openai/DALL-E), whose state dicts are named ``blocks.<path>.{w,b}`` with
 OIHW kernels. This module
 
 * reads such a pickle (or takes a module / state dict directly), infers the `DVAEConfig`
