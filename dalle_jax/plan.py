@@ -296,7 +296,7 @@ def plan_config(cfg, num_devices: int, device_memory_gib: float, *,
     transformer, a ``model.n_hid`` the dVAE. ``cfg.data.global_batch_size`` is the batch of
     one step (``optim.grad_accum`` steps make an update), split over the mesh's batch axes.
     """
-    from dalle_jax.train import loop, optim
+    from dalle_jax.train import loop
 
     mesh_shape, rules, global_batch, shards = _mesh_and_batch(cfg, num_devices)
     microbatch = global_batch // shards
@@ -306,30 +306,21 @@ def plan_config(cfg, num_devices: int, device_memory_gib: float, *,
 
         mcfg = _transformer_config(cfg, workdir)
         task = lm_task.model_task(mcfg, {})
-        init_variables = task.init_variables
-        resblocks = task.resblocks if compute == "float16" else None
         what = (f"transformer (width {mcfg.width}, depth {mcfg.depth}, {mcfg.heads} heads, "
                 f"{mcfg.text_len} + {mcfg.grid}x{mcfg.grid} slots)")
         remat = mcfg.remat
         acts = functools.partial(transformer_activations, mcfg)
     else:
         from dalle_jax.train import dvae_task
-        from dalle_jax.tokenizers import dvae
 
         dcfg = dvae_task.model_config(cfg)
-        init_variables = functools.partial(dvae.init_variables, dcfg)
-        resblocks = None
-        if compute == "float16":
-            raise ValueError("precision.compute_dtype=float16 needs per-resblock gradient "
-                             "scaling, which the dVAE does not implement")
+        task = dvae_task.make_task(cfg, workdir or "")
         what = f"dVAE ({dcfg.image_size}px -> {dcfg.grid}x{dcfg.grid} tokens)"
         remat = "none"
         acts = functools.partial(dvae_activations, dcfg)
-    axes = sharding.logical_specs(jax.eval_shape(init_variables, jax.random.key(0))["params"])
-    scaling = (optim.GradScalingRule.from_config(cfg.precision.grad_scaling, shards)
-               if resblocks is not None else None)
-    tx, _ = optim.build(cfg.optim, axes, resblocks=resblocks, scaling=scaling)
-    abstract = loop.abstract_train_state(init_variables, tx)
+    # The loop's own optimizer (float16 scaling, its refusal for the dVAE included).
+    tx, _ = loop.build_optimizer(cfg, task, mesh_shape)
+    abstract = loop.abstract_train_state(task.init_variables, tx)
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(sharding.unboxed(abstract.params)))
     return Plan(what=what, mesh=mesh_shape, rules=str(cfg.sharding_rules),
                 compute_dtype=compute, remat=remat, microbatch=microbatch,

@@ -39,7 +39,7 @@ def _compile(preset, mesh_degrees, dtype="bfloat16"):
     sharding.check_shardable(abstract_params, dict(mesh.shape), rules)
     batch = {"text_tokens": jax.ShapeDtypeStruct((BATCH, mcfg.text_len), jnp.int32),
              "image_tokens": jax.ShapeDtypeStruct((BATCH, mcfg.image_len), jnp.int32)}
-    tx, lr_fn = loop.build_optimizer(cfg, task, mesh)
+    tx, lr_fn = loop.build_optimizer(cfg, task, dict(mesh.shape))
     compiled, _ = loop.compile_train_step(task, tx, lr_fn, mesh, rules, batch,
                                           ema_decay=0.99, ema_every=25)
     n = tr.count_params(abstract_params)

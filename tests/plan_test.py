@@ -39,7 +39,7 @@ def _compiled(cfg, tmp_path):
         task = dvae_task.make_task(cfg, str(tmp_path))
         size = int(cfg.data.image_size)
         batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8)}
-    tx, lr_fn = loop.build_optimizer(cfg, task, mesh)
+    tx, lr_fn = loop.build_optimizer(cfg, task, dict(mesh.shape))
     compiled, _ = loop.compile_train_step(task, tx, lr_fn, mesh, rules, batch,
                                           ema_decay=0.99, ema_every=1)
     return loop.memory_report(compiled)

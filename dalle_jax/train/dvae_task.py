@@ -101,12 +101,14 @@ class ReconEvaluator:
         self.model = model
         self.num_batches = int(cfg.evals.recon.num_batches)
         self.grid_examples = int(cfg.evals.recon.grid_examples)
-        self.mesh = sharding.make_mesh(cfg.mesh)
         self.rules = sharding.get_rules(cfg.sharding_rules)
         self._eval = jax.jit(functools.partial(_eval_batch, model=model,
                                                loss_opts=loss_options(cfg)))
 
     def __call__(self, params: Any, step: int) -> dict:
+        # The mesh is made when evaluating, not when the task is built, so a task can be
+        # built for a mesh whose devices are not here (the memory planner does).
+        mesh = sharding.make_mesh(self.cfg.mesh)
         it = sources.make_input(self.cfg.data, self.cfg.data.eval_split, train=False, num_epochs=1)
         vocab = self.model.config.vocab_size
         totals: dict[str, float] = {}
@@ -116,9 +118,9 @@ class ReconEvaluator:
         for i, host in enumerate(it):
             if i >= self.num_batches:
                 break
-            spec = sharding.batch_spec(self.mesh, self.rules, 4)
+            spec = sharding.batch_spec(mesh, self.rules, 4)
             images = jax.make_array_from_process_local_data(
-                jax.sharding.NamedSharding(self.mesh, spec), host["image"])
+                jax.sharding.NamedSharding(mesh, spec), host["image"])
             out = jax.device_get(self._eval(params, images, jax.random.key(step)))
             recon = out.pop("recon")
             hist += np.asarray(out.pop("hist"))

@@ -111,15 +111,18 @@ def param_axes(task: Task) -> PyTree:
     return sharding.logical_specs(abstract["params"])
 
 
-def build_optimizer(cfg, task: Task, mesh) -> tuple[optax.GradientTransformation, Callable]:
+def build_optimizer(cfg, task: Task, mesh_shape: dict[str, int], axes: PyTree = None
+                    ) -> tuple[optax.GradientTransformation, Callable]:
     """``(tx, lr_fn)`` of a run: ``cfg.optim``, with per-resblock gradient scaling when
     ``cfg.precision.compute_dtype`` is float16.
 
     float16 needs the scaling (its 5-bit exponent underflows the late resblocks'
     gradients, paper §2.4), so a float16 run of a task without a resblock layout is
-    refused rather than trained unscaled.
+    refused rather than trained unscaled. ``mesh_shape`` (mesh axis -> degree; the devices
+    need not exist) gives the scales' replica factor; ``axes`` are the parameters' logical
+    axes when the caller has them already (else `param_axes`).
     """
-    axes = param_axes(task)
+    axes = param_axes(task) if axes is None else axes
     precision = cfg.get("precision", None)
     if precision is None or str(precision.compute_dtype) != "float16":
         return optim.build(cfg.optim, axes)
@@ -128,7 +131,7 @@ def build_optimizer(cfg, task: Task, mesh) -> tuple[optax.GradientTransformation
             f"precision.compute_dtype=float16 needs per-resblock gradient scaling, which the "
             f"{task.name!r} task does not implement; train it in bfloat16 or float32")
     rules = sharding.get_rules(cfg.sharding_rules)
-    replicas = sharding.batch_shards(dict(mesh.shape), rules)
+    replicas = sharding.batch_shards(mesh_shape, rules)
     rule = optim.GradScalingRule.from_config(precision.grad_scaling, replicas)
     return optim.build(cfg.optim, axes, resblocks=task.resblocks, scaling=rule)
 
@@ -213,7 +216,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, lr_fn: Callabl
 
 
 def compile_train_step(task: Task, tx: optax.GradientTransformation, lr_fn: Callable, mesh,
-                       rules, batch: dict, *, ema_decay: float, ema_every: int, seed: int = 0):
+                       rules, batch: dict, *, ema_decay: float, ema_every: int, seed: int = 0,
+                       abstract: TrainState | None = None):
     """Lowers and compiles `make_train_step` ahead of time from abstract inputs.
 
     Nothing is allocated: the state is `eval_shape`-d with its shardings, and ``batch``
@@ -222,9 +226,12 @@ def compile_train_step(task: Task, tx: optax.GradientTransformation, lr_fn: Call
     runs (state and accumulators donated) and the zeroed metric accumulators it takes.
     The step is traced under `sharding.activation_rules`, so the model's activation
     constraints apply. Tests use it to read `memory_report` of a configuration without
-    running it.
+    running it. ``abstract``: the state's `ShapeDtypeStruct`s with shardings, when the
+    caller has them already.
     """
-    abstract, state_sh, _ = _abstract_state(task, tx, mesh, rules, seed)
+    if abstract is None:
+        abstract, _, _ = _abstract_state(task, tx, mesh, rules, seed)
+    state_sh = jax.tree.map(lambda a: a.sharding, abstract)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
         mesh, sharding.batch_spec(mesh, rules, len(v.shape)))) for k, v in batch.items()}
     rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -306,9 +313,10 @@ def train(
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.get_rules(cfg.sharding_rules)
     # Before anything is allocated or compiled: every parameter must divide its mesh axes.
-    sharding.check_shardable(jax.eval_shape(task.init_variables, jax.random.key(0)),
-                             dict(mesh.shape), rules)
-    tx, lr_fn = build_optimizer(cfg, task, mesh)
+    abstract_params = jax.eval_shape(task.init_variables, jax.random.key(0))["params"]
+    sharding.check_shardable(abstract_params, dict(mesh.shape), rules)
+    tx, lr_fn = build_optimizer(cfg, task, dict(mesh.shape),
+                                sharding.logical_specs(abstract_params))
     seed = int(cfg.seed)
     total_steps = int(cfg.total_steps)
     ema_decay = float(cfg.optim.ema_decay)
@@ -364,7 +372,7 @@ def train(
     t0 = time.time()
     compiled, zero_acc = compile_train_step(
         task, tx, lr_fn, mesh, rules, {k: jax.typeof(v) for k, v in dev_first.items()},
-        ema_decay=ema_decay, ema_every=ema_every, seed=seed)
+        ema_decay=ema_decay, ema_every=ema_every, seed=seed, abstract=abstract)
     logging.info("step compiled in %.1fs", time.time() - t0)
     mem = memory_report(compiled)
     if mem:
