@@ -79,19 +79,42 @@ def test_default_sharding_is_by_jax_process():
 
 
 @pytest.mark.parametrize("num_records", [20, 21])
-def test_two_processes_cover_one_epoch_without_overlap(num_records):
+def test_two_processes_split_the_one_process_batches(num_records):
+    # Process p of P reads rows [p * L, (p + 1) * L) of every global batch, so the global
+    # batches do not depend on the number of processes.
     cfg = _cfg(num_epochs=1)
-    seen = []
+    whole = list(pl.make_pipeline(_source(num_records), cfg,
+                                  shard_options=grain.sharding.NoSharding()))
+    assert len(whole) == 5 and all(b["image"].shape[0] == 4 for b in whole)
+    halves = []
     for shard_index in range(2):
         shard = grain.sharding.ShardOptions(shard_index, 2, drop_remainder=True)
         pipeline = pl.make_pipeline(_source(num_records), cfg, shard_options=shard)
         batches = list(pipeline)
         assert len(batches) == pipeline.num_batches == 5
         assert all(b["image"].shape[0] == 2 for b in batches)
-        seen.append({int(i) for b in batches for i in b["index"]})
-    assert not seen[0] & seen[1]
-    # Shards are contiguous; with 21 records the last one is dropped to keep them equal.
-    assert seen[0] | seen[1] == set(range(20))
+        halves.append(batches)
+    for b, (first, second) in enumerate(zip(*halves)):
+        for key in ("image", "index", "caption"):
+            np.testing.assert_array_equal(
+                np.concatenate([first[key], second[key]]), whole[b][key])
+    # With 21 records one epoch of 5 global batches leaves one record unread.
+    seen = {int(i) for b in whole for i in b["index"]}
+    assert len(seen) == 20 and seen <= set(range(num_records))
+
+
+def test_several_processes_drop_a_final_partial_global_batch():
+    cfg = _cfg(shuffle=False, num_epochs=1, drop_remainder=False, global_batch_size=8)
+    sizes = [len(b["index"]) for b in pl.make_pipeline(
+        _source(), cfg, shard_options=grain.sharding.NoSharding())]
+    assert sizes == [8, 8, 4]
+    for shard_index in range(2):
+        shard = grain.sharding.ShardOptions(shard_index, 2)
+        batches = list(pl.make_pipeline(_source(), cfg, shard_options=shard))
+        assert [len(b["index"]) for b in batches] == [4, 4]
+        assert [int(i) for b in batches for i in b["index"]] == (
+            list(range(4 * shard_index, 4 * shard_index + 4))
+            + list(range(8 + 4 * shard_index, 12 + 4 * shard_index)))
 
 
 def test_each_epoch_is_a_new_permutation():
@@ -196,21 +219,24 @@ def test_state_mismatch_raises():
     other = pl.make_pipeline(_source(), _cfg(seed=8), shard_options=grain.sharding.NoSharding())
     with pytest.raises(ValueError, match="seed"):
         other.set_state(state)
-    shard = grain.sharding.ShardOptions(1, 2, drop_remainder=True)
-    other = pl.make_pipeline(_source(), _cfg(), shard_options=shard)
-    with pytest.raises(ValueError, match="shard_count"):
+    other = pl.make_pipeline(_source(), _cfg(global_batch_size=8),
+                             shard_options=grain.sharding.NoSharding())
+    with pytest.raises(ValueError, match="global_batch_size"):
         other.set_state(state)
 
 
-def test_one_process_state_restores_every_process():
-    # Checkpoints keep one copy of the state; process 1 must resume from process 0's.
-    shards = [grain.sharding.ShardOptions(i, 2, drop_remainder=True) for i in range(2)]
-    first = pl.make_pipeline(_source(), _cfg(), shard_options=shards[0])
+@pytest.mark.parametrize("saved_by,restored_on", [((0, 2), (1, 2)), ((1, 2), (0, 1)),
+                                                   ((0, 1), (1, 2))])
+def test_state_restores_on_any_process_and_process_count(saved_by, restored_on):
+    # Checkpoints keep one copy of the state: any process's copy, saved by a run with any
+    # number of processes, resumes any process of a run with any number of processes.
+    first = pl.make_pipeline(_source(), _cfg(), shard_options=grain.sharding.ShardOptions(
+        *saved_by, drop_remainder=True))
     _take(first, 4)
     state = json.loads(json.dumps(first.get_state()))
-    second = pl.make_pipeline(_source(), _cfg(), shard_options=shards[1])
-    expected = _take(second, 7)[4:]
-    restored = pl.make_pipeline(_source(), _cfg(), shard_options=shards[1])
+    shard = grain.sharding.ShardOptions(*restored_on, drop_remainder=True)
+    expected = _take(pl.make_pipeline(_source(), _cfg(), shard_options=shard), 7)[4:]
+    restored = pl.make_pipeline(_source(), _cfg(), shard_options=shard)
     restored.set_state(state)
     _assert_batches_equal(_take(restored, 3), expected)
 
@@ -224,7 +250,7 @@ def test_bad_settings_raise():
     with pytest.raises(ValueError):
         _cfg(global_batch_size=0)
     with pytest.raises(ValueError, match="empty"):
-        pl.make_pipeline(_source(1), _cfg(), shard_options=shard)
+        pl.make_pipeline(_source(0), _cfg(), shard_options=shard)
 
 
 def _mesh():
@@ -390,6 +416,7 @@ def test_two_jax_processes_build_one_global_batch(tmp_path):
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output
-    # Process 0 reads records 0..7 (first batch 0..3), process 1 reads 8..15 (8..11).
+    # The first global batch is records 0..7, as on one process: process 0 reads rows
+    # 0..3 of it and process 1 rows 4..7.
     for pid, output in enumerate(outputs):
-        assert f"GLOBAL {pid} [0, 1, 2, 3, 8, 9, 10, 11]" in output, output
+        assert f"GLOBAL {pid} [0, 1, 2, 3, 4, 5, 6, 7]" in output, output

@@ -1,4 +1,4 @@
-"""Grain input pipeline: shard, shuffle, augment, batch, and turn batches into global arrays.
+"""Grain input pipeline: shuffle, augment, batch, split over processes, make global arrays.
 
 The pipeline reads any random-access source (``len(source)`` and ``source[i]`` giving a
 dict with a uint8 ``(H, W, 3)`` ``image``, usually a ``caption`` as bytes or str, and
@@ -8,20 +8,28 @@ TFDS ``array_record`` dataset.
 Order of operations, all on grain ``MapDataset``s so that every batch has a fixed
 position in a fixed sequence:
 
-1. **Shard**: this process keeps a contiguous slice of the record keys
-   (``ShardByJaxProcess(drop_remainder=True)`` unless other ``ShardOptions`` are given).
-2. **Shuffle**: a new permutation of the shard every epoch, then repeat for
-   ``num_epochs`` (``None``: forever; training stops on step counts).
-3. **Load and augment**: each record is augmented with a generator seeded by
+1. **Shuffle**: a new permutation of *all* record keys every epoch (one global order,
+   the same on every process), then repeat for ``num_epochs`` (``None``: forever;
+   training stops on step counts).
+2. **Load and augment**: each record is augmented with a generator seeded by
    ``(seed, epoch, record_key)`` only, so an example's augmentation does not depend on
    the batch size, the process count, the shuffle or the worker count.
-4. **Batch** per process: ``global_batch_size // shard_count`` examples.
+3. **Split over processes**: the global sequence is cut into global batches of
+   ``global_batch_size``; process ``p`` of ``P`` keeps rows ``[p * L, (p + 1) * L)`` of
+   each (``L = global_batch_size // P``), which is where
+   ``jax.make_array_from_process_local_data`` puts its rows in the global batch.
+4. **Batch** per process: ``L`` examples.
+
+The global batches are therefore the same whatever the number of processes: a run on 2
+hosts sees exactly the examples, in the same rows, that a run on 1 host sees, so the
+two train identically and a checkpoint moves between them. Every process reads records
+from the whole split (random access), not from a slice of its own.
 
 Batching happens before the data is handed to threads or worker processes, so a
 worker produces whole batches at fixed positions: the output is identical for every
 ``worker_count``. The iterator's checkpoint state is therefore just the number of
 batches already returned (plus a fingerprint of the settings), and restoring it slices
-the batch sequence at that position.
+the batch sequence at that position, on any number of processes.
 """
 
 from __future__ import annotations
@@ -44,9 +52,9 @@ _STATE_VERSION = 1
 # A state records the next batch's position plus every setting that decides the batch
 # sequence (the pipeline's "fingerprint"); restoring into a pipeline whose fingerprint
 # differs is refused, because "the next batch" would not be the one the saved run would
-# have seen. worker_count is absent because it does not change the output, and
-# shard_index because all processes advance in lock step: one process's state (what a
-# checkpoint keeps) is valid on every process.
+# have seen. worker_count and the process count and index are absent because they do not
+# change the global batches: one process's state (what a checkpoint keeps) is valid on
+# every process of this run and of a run with another number of processes.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,11 +65,13 @@ class CommonPipelineSettings:
         global_batch_size: examples per step over all processes; must divide evenly by
             the number of shards (processes).
         seed: seeds the shuffle and the per-example randomness; in ``[0, 2**32)``.
-        shuffle: reshuffle the shard every epoch.
+        shuffle: reshuffle the records every epoch.
         num_epochs: passes over the data; None repeats forever.
         worker_count: grain worker processes (0: work in this process). Does not change
             the output.
-        drop_remainder: drop a final partial batch (only matters for finite epochs).
+        drop_remainder: drop a final partial batch (only matters for finite epochs; with
+            several processes a final partial batch is always dropped, since it could
+            not be split evenly).
         read_threads: threads in each process that build batches ahead of time
             (0: build them on demand).
         prefetch_batches: batches each process keeps ready ahead of time.
@@ -109,20 +119,23 @@ class PipelineConfig(CommonPipelineSettings):
             )
 
 
-def _shard_bounds(num_records: int, shard: grain.sharding.ShardOptions) -> tuple[int, int]:
-    """Returns the ``[start, end)`` record keys of one contiguous shard.
+class _ProcessRows:
+    """Maps position ``i`` of one process's example sequence to its global position.
 
-    With ``drop_remainder`` every shard has ``num_records // shard_count`` records, so
-    all processes run through epochs in lock step; otherwise the first
-    ``num_records % shard_count`` shards get one record more.
+    Global batch ``b`` holds global positions ``[b * G, (b + 1) * G)``; process ``p``
+    owns the ``L = G / P`` rows starting at ``p * L`` of each. A module-level callable, so
+    worker processes can pickle it.
     """
-    per_shard, rest = divmod(num_records, shard.shard_count)
-    start = per_shard * shard.shard_index
-    end = start + per_shard
-    if not shard.drop_remainder:
-        start += min(shard.shard_index, rest)
-        end += min(shard.shard_index + 1, rest)
-    return start, end
+
+    def __init__(self, examples: Any, shard_index: int, shard_count: int, local_batch: int):
+        self._examples = examples
+        self._offset = shard_index * local_batch
+        self._local = local_batch
+        self._global = shard_count * local_batch
+
+    def __call__(self, i: int) -> Any:
+        b, j = divmod(int(i), self._local)
+        return self._examples[b * self._global + self._offset + j]
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -145,17 +158,17 @@ def _decode_text(value: Any) -> Any:
 class _LoadAndAugment:
     """Reads one record by key and augments its image (module level, so it pickles)."""
 
-    def __init__(self, source: Any, augment: str, image_size: int, seed: int, shard_len: int):
+    def __init__(self, source: Any, augment: str, image_size: int, seed: int, num_records: int):
         self._source = source
         self._augment = augment
         self._image_size = image_size
         self._seed = seed
-        self._shard_len = shard_len
+        self._num_records = num_records
 
     def __call__(self, index: int, record_key: int) -> dict[str, Any]:
-        # `index` runs over the repeated shard, so it tells the epoch; the generator is
+        # `index` runs over the repeated records, so it tells the epoch; the generator is
         # then keyed by what the example *is* in that epoch, not by where it lands.
-        epoch = index // self._shard_len
+        epoch = index // self._num_records
         rng = np.random.default_rng([self._seed, epoch, int(record_key)])
         record = self._source[int(record_key)]
         example = {key: _decode_text(value) for key, value in record.items()}
@@ -194,34 +207,35 @@ class Pipeline:
         shard_options: grain.sharding.ShardOptions,
     ):
         num_records = len(source)
-        if cfg.global_batch_size % shard_options.shard_count:
+        count, index = shard_options.shard_count, shard_options.shard_index
+        if cfg.global_batch_size % count:
             raise ValueError(
                 f"global_batch_size {cfg.global_batch_size} is not divisible by the "
-                f"process (shard) count {shard_options.shard_count}"
+                f"process (shard) count {count}"
             )
-        start, end = _shard_bounds(num_records, shard_options)
-        if end <= start:
-            raise ValueError(
-                f"shard {shard_options.shard_index}/{shard_options.shard_count} of a "
-                f"source with {num_records} records is empty"
-            )
+        if num_records == 0:
+            raise ValueError("the source is empty: there is nothing to read")
         self.config = cfg
         self.shard_options = shard_options
-        self.local_batch_size = cfg.global_batch_size // shard_options.shard_count
+        self.local_batch_size = local = cfg.global_batch_size // count
 
-        keys = grain.MapDataset.range(start, end)
+        keys = grain.MapDataset.range(num_records)
         if cfg.shuffle:
             keys = keys.shuffle(seed=_shuffle_seed(cfg.seed))
         examples = keys.repeat(cfg.num_epochs).map_with_index(
-            self._example_fn(source, cfg, end - start)
+            self._example_fn(source, cfg, num_records)
         )
-        self._batches = examples.batch(
-            self.local_batch_size, drop_remainder=cfg.drop_remainder, batch_fn=_collate
-        )
+        drop_remainder = cfg.drop_remainder
+        if count > 1:
+            # This process's rows of every whole global batch; a final partial global
+            # batch cannot be split evenly, so it is dropped on every process alike.
+            whole = len(examples) // cfg.global_batch_size
+            examples = grain.MapDataset.range(whole * local).map(
+                _ProcessRows(examples, index, count, local))
+            drop_remainder = True
+        self._batches = examples.batch(local, drop_remainder=drop_remainder, batch_fn=_collate)
         self._fingerprint = {
             "num_records": num_records,
-            "shard_count": shard_options.shard_count,
-            "shard_drop_remainder": bool(shard_options.drop_remainder),
             "global_batch_size": cfg.global_batch_size,
             "seed": cfg.seed,
             "shuffle": cfg.shuffle,
@@ -233,9 +247,9 @@ class Pipeline:
         self._iterator: Iterator[Batch] | None = None
 
     # The two hooks a pipeline over another kind of record overrides.
-    def _example_fn(self, source: Any, cfg: Any, shard_len: int):
+    def _example_fn(self, source: Any, cfg: Any, num_records: int):
         """``(index, record_key) -> example``; module-level callable so workers can pickle it."""
-        return _LoadAndAugment(source, cfg.augment, cfg.image_size, cfg.seed, shard_len)
+        return _LoadAndAugment(source, cfg.augment, cfg.image_size, cfg.seed, num_records)
 
     def _settings(self, cfg: Any) -> dict[str, Any]:
         """Record-specific settings that change the batches (part of the fingerprint)."""
@@ -282,8 +296,8 @@ class Pipeline:
     def get_state(self) -> dict[str, Any]:
         """Returns a JSON-serialisable dict: the next batch's position and the settings.
 
-        The dict is the same on every process of a run, so saving one process's copy
-        is enough.
+        The dict is the same on every process of a run (and on any number of processes),
+        so saving one process's copy is enough.
         """
         return {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._fingerprint}
 
@@ -291,11 +305,11 @@ class Pipeline:
         """Restores a ``get_state`` result (dict, or its JSON as str/bytes).
 
         The next batch is then the one an uninterrupted iterator would have returned
-        (for this process's shard, whichever process saved the state).
+        (this process's rows of it, whichever process, or process count, saved the state).
 
         Raises:
-            ValueError: the state comes from a pipeline with different data, sharding,
-                batch size, randomness or record settings (the fingerprint).
+            ValueError: the state comes from a pipeline with different data, global batch
+                size, randomness or record settings (the fingerprint).
         """
         if isinstance(state, (str, bytes)):
             state = json.loads(state)
@@ -339,17 +353,18 @@ def make_pipeline(
     Args:
         source: random-access source; ``source[i]`` is a dict with a uint8 ``image``.
         cfg: pipeline settings.
-        shard_options: which shard this process reads; defaults to
-            ``grain.sharding.ShardByJaxProcess(drop_remainder=True)``, which reads the
-            process index, so call this after ``jax.distributed.initialize``. Tests
-            pass explicit ``ShardOptions(i, n)`` to act as process ``i`` of ``n``.
+        shard_options: which rows of each global batch this process reads (its
+            ``shard_index`` of ``shard_count``); defaults to
+            ``grain.sharding.ShardByJaxProcess()``, which reads the process index, so
+            call this after ``jax.distributed.initialize``. Tests pass explicit
+            ``ShardOptions(i, n)`` to act as process ``i`` of ``n``.
 
     Returns:
         A ``Pipeline`` yielding batches of ``cfg.global_batch_size // shard_count``.
 
     Raises:
-        ValueError: the global batch does not split evenly over the shards, or this
-            process's shard is empty.
+        ValueError: the global batch does not split evenly over the processes, or the
+            source is empty.
     """
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)

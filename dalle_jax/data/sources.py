@@ -87,5 +87,6 @@ def make_input(data_cfg, split: str, *, train: bool = True, shard_options=None,
         worker_count=int(data_cfg.worker_count),
         drop_remainder=True,
     )
-    # shard_options=None means ShardByJaxProcess: each process reads its own slice.
+    # shard_options=None means ShardByJaxProcess: each process reads its rows of every
+    # global batch.
     return pipeline_lib.make_pipeline(source, cfg, shard_options=shard_options)

@@ -9,8 +9,9 @@ Reads a random-access source of token records (`dalle_jax.data.tokens.TokenSourc
     text_truncated  bool (B,)      the caption had more than T - 1 BPE tokens
 
 The order of operations and the checkpoint state are those of `dalle_jax.data.pipeline`
-(shard by process → reshuffle every epoch → repeat → per-example map → batch, all on
-grain ``MapDataset``s), whose iteration and restore machinery this module reuses. The
+(reshuffle every epoch → repeat → per-example map → this process's rows of each global
+batch → batch, all on grain ``MapDataset``s), whose iteration and restore machinery this
+module reuses. The
 per-example map is BPE encoding with BPE-dropout (paper §2.2 / App. B.2: rate 0.1)
 seeded by ``(seed, epoch, record key)`` only, so a caption's segmentation does not
 depend on the batch size, the process count, the shuffle or the worker count.
@@ -53,18 +54,18 @@ class TextPipelineConfig(image_pipeline.CommonPipelineSettings):
 class _EncodeExample:
     """Reads one token record and encodes its caption (module level, so it pickles)."""
 
-    def __init__(self, source: Any, tokenizer: Any, cfg: TextPipelineConfig, shard_len: int):
+    def __init__(self, source: Any, tokenizer: Any, cfg: TextPipelineConfig, num_records: int):
         self._source = source
         self._tokenizer = tokenizer
         self._text_len = cfg.text_len
         self._dropout = cfg.bpe_dropout
         self._seed = cfg.seed
-        self._shard_len = shard_len
+        self._num_records = num_records
 
     def __call__(self, index: int, record_key: int) -> dict[str, Any]:
-        # `index` runs over the repeated shard, so it gives the epoch: a caption gets a new
+        # `index` runs over the repeated records, so it gives the epoch: a caption gets a new
         # segmentation each epoch (the point of BPE-dropout) but the same one on a rerun.
-        epoch = index // self._shard_len
+        epoch = index // self._num_records
         record = self._source[int(record_key)]
         caption = str(_decode_text(record["caption"]))
         slots, info = self._tokenizer.encode_slots(
@@ -91,8 +92,8 @@ class TextPipeline(image_pipeline.Pipeline):
         self._tokenizer = tokenizer
         super().__init__(source, cfg, shard_options)
 
-    def _example_fn(self, source: Any, cfg: TextPipelineConfig, shard_len: int):
-        return _EncodeExample(source, self._tokenizer, cfg, shard_len)
+    def _example_fn(self, source: Any, cfg: TextPipelineConfig, num_records: int):
+        return _EncodeExample(source, self._tokenizer, cfg, num_records)
 
     def _settings(self, cfg: TextPipelineConfig) -> dict[str, Any]:
         # The tokenizer's hash is included: another BPE model gives other text tokens.
@@ -117,8 +118,9 @@ def make_text_pipeline(
         source: random-access token records (``image_tokens``, ``caption``).
         tokenizer: a `TextTokenizer`.
         cfg: pipeline settings.
-        shard_options: defaults to ``ShardByJaxProcess(drop_remainder=True)`` (call after
-            ``jax.distributed.initialize``); tests pass ``ShardOptions(i, n)``.
+        shard_options: which rows of each global batch this process reads; defaults to
+            ``ShardByJaxProcess()`` (call after ``jax.distributed.initialize``); tests
+            pass ``ShardOptions(i, n)``.
     """
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
