@@ -4,7 +4,9 @@ One binary runs every stage; the job name picks the stage and the config file pi
 the sizes. The resolved config is written to ``workdir/config.json`` before the job
 starts (a previous, different one is kept as ``config.<time>.json``, never overwritten).
 Multi-host runs initialise ``jax.distributed`` here: automatically on SLURM and TPU
-pods, or explicitly with ``--coordinator_address/--num_processes/--process_id``.
+pods, or explicitly with ``--coordinator_address/--num_processes/--process_id``
+(`dalle_jax.multihost`). Every process then checks that it runs the same config as
+process 0; processes other than 0 log warnings and errors only.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dalle_jax import configlib, jobs
+from dalle_jax import configlib, jobs, multihost
 
 # `import common` inside config files must resolve before flags are parsed.
 for _a in sys.argv[1:]:
@@ -34,25 +36,23 @@ flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
+flags.DEFINE_integer("initialization_timeout_s", 300,
+                     "Multi-host: seconds to wait for every process to join.")
+flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                     "Multi-host: a process silent this long (it died) stops the others "
+                     "with an error naming it.")
 flags.mark_flags_as_required(["config", "workdir", "job"])
 
 
-def _looks_multihost() -> bool:
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return True
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hosts
-
-
 def init_distributed() -> None:
-    import jax
-
-    if FLAGS.coordinator_address:
-        if FLAGS.num_processes is None or FLAGS.process_id is None:
-            raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.multihost == "on" or (FLAGS.multihost == "auto" and _looks_multihost()):
-        jax.distributed.initialize()
+    try:
+        multihost.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                             mode=FLAGS.multihost,
+                             initialization_timeout_s=FLAGS.initialization_timeout_s,
+                             heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
 
 
 def write_config(cfg, workdir: str) -> str:
@@ -92,7 +92,10 @@ def main(argv):
     init_distributed()
     import jax
 
+    if jax.process_index() != 0 and FLAGS.verbosity <= 0:
+        logging.set_verbosity(logging.WARNING)
     cfg = _CONFIG.value
+    multihost.check_same_config(configlib.to_json(cfg))
     workdir = os.path.abspath(FLAGS.workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dalle_jax import metrics as metrics_lib
 from dalle_jax import sharding, visualize
@@ -121,14 +122,19 @@ class ReconEvaluator:
             spec = sharding.batch_spec(mesh, self.rules, 4)
             images = jax.make_array_from_process_local_data(
                 jax.sharding.NamedSharding(mesh, spec), host["image"])
-            out = jax.device_get(self._eval(params, images, jax.random.key(step)))
-            recon = out.pop("recon")
+            out = self._eval(params, images, jax.random.key(step))
+            recon = out.pop("recon")  # batch-sharded: spread over the processes
+            out = jax.device_get(out)
             hist += np.asarray(out.pop("hist"))
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n += 1
             if grid_in is None:
+                # The first rows of the global batch (process 0's own rows when several
+                # processes share it), inputs and reconstructions alike.
                 k = min(self.grid_examples, host["image"].shape[0])
+                if jax.process_count() > 1:
+                    recon = multihost_utils.process_allgather(recon, tiled=True)
                 grid_in, grid_out = host["image"][:k], visualize.to_uint8(np.asarray(recon)[:k])
         it.close()
         if n == 0:

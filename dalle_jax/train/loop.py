@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +30,7 @@ from jax.sharding import NamedSharding
 
 from dalle_jax import checkpoint as ckpt_lib
 from dalle_jax import metrics as metrics_lib
+from dalle_jax import multihost
 from dalle_jax import sharding
 from dalle_jax.train import optim
 
@@ -75,30 +75,6 @@ class Task:
     evaluate: Callable[[PyTree, int], dict] | None = None
     tokens_per_example: int = 0
     resblocks: optim.ResblockLayout | None = None
-
-
-class _Stop:
-    """Turns SIGTERM (preemption) into "save a checkpoint and exit" at the next step."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        if jax.process_count() == 1:
-            try:
-                self._old = signal.signal(signal.SIGTERM, self._handle)
-            except ValueError:  # not the main thread
-                self._old = None
-        return self
-
-    def _handle(self, *_):
-        logging.warning("SIGTERM: saving a checkpoint and stopping")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 def _tree_norm(tree: PyTree) -> jax.Array:
@@ -392,7 +368,7 @@ def train(
     def save(step, force=False):
         ckpt.save(step, state, train_iter.get_state(), meta, force=force)
 
-    with _Stop() as stopper:
+    with multihost.Preemption() as preemption:
         while step < stop_at:
             batch = pending if pending is not None else put(next(train_iter))
             pending = None
@@ -402,7 +378,10 @@ def train(
             window_n += 1
             if progress is not None:
                 progress.update(1)
-            last = step == stop_at or stopper.requested
+            # Called after every step on every process: SIGTERM to any process makes all
+            # of them agree on this step to save at and stop.
+            preempted = preemption.reached(step)
+            last = step == stop_at or preempted
             if step % log_every == 0 or last:
                 host = {k: np.asarray(v) for k, v in jax.device_get(acc).items()}
                 out = _reduce_window(host, window_n, task.summarize)
@@ -428,7 +407,7 @@ def train(
                 window_t0 += time.time() - t_eval  # keep eval time out of the step rate
             if (ckpt_every and step % ckpt_every == 0) or last:
                 save(step, force=True)
-            if stopper.requested:
+            if preempted:
                 break
     ckpt.close()
     if progress is not None:

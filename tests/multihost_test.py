@@ -1,0 +1,178 @@
+"""Several JAX processes on this machine (gloo on 127.0.0.1, fake CPU devices) run the
+command-line jobs as a multi-host cluster would: the same losses as one process, checkpoints
+that move between process counts and mesh shapes, preemption that every process agrees
+on, a dead process that stops the others, and a config that must agree everywhere."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dalle_jax import metrics as metrics_lib
+from train_lm_test import token_dir, tokenizer  # noqa: F401  (module fixtures)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Losses of a 2 x 4-device run against a 1 x 8-device run of the same mesh: the programs
+# are the same; only the cross-process all-reduce (gloo) may sum in another order.
+RTOL = 1e-5
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(args, workdir, *, processes=1, devices=8, heartbeat_s=None, env=None):
+    """Starts ``processes`` copies of ``python -m dalle_jax.main ARGS`` with ``devices``
+    fake CPU devices each; returns the Popen objects (output in workdir/log.<i>.txt)."""
+    base = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base.update(env or {})
+    os.makedirs(workdir, exist_ok=True)
+    port = _port()
+    procs = []
+    for i in range(processes):
+        cmd = [sys.executable, "-u", "-m", "dalle_jax.main", *args, f"--workdir={workdir}"]
+        if processes > 1:
+            cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                    f"--process_id={i}"]
+        if heartbeat_s:
+            cmd.append(f"--heartbeat_timeout_s={heartbeat_s}")
+        log = open(os.path.join(workdir, f"log.{i}.txt"), "a")
+        procs.append(subprocess.Popen(cmd, env=base, stdout=log, stderr=subprocess.STDOUT,
+                                      cwd=ROOT))
+        procs[-1].log_path = log.name
+    return procs
+
+
+def wait(procs, timeout=300):
+    """Return codes and outputs of ``procs``, waiting at most ``timeout`` seconds in all."""
+    deadline = time.time() + timeout
+    out = []
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        with open(p.log_path) as f:
+            out.append((p.returncode, f.read()))
+    return out
+
+
+def run(args, workdir, **kw):
+    results = wait(launch(args, workdir, **kw))
+    for rc, text in results:
+        assert rc == 0, text[-4000:]
+    return results
+
+
+def losses(workdir):
+    rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return {s: r["train/loss"] for s, r in sorted(rows.items()) if "train/loss" in r}
+
+
+def train_rows(workdir) -> int:
+    """Lines of metrics.jsonl that log a training window (a resumed run adds, never repeats)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return sum('"train/loss"' in line for line in f)
+
+
+def lm_args(token_dir, tokenizer, steps=6, total=None, extra=()):
+    """The tiny stage-2 run of train_lm_test, as command-line flags."""
+    return ["--job=train",
+            f"--config={ROOT}/configs/dalle_shapes.py:steps={steps},batch=8,tokens={token_dir}",
+            "--config.text.text_len=8", f"--config.text.bpe_model={tokenizer.path}",
+            "--config.text.vocab_size=300", "--config.model.width=32", "--config.model.depth=2",
+            "--config.model.heads=2", "--config.model.conv_kernel=3", "--config.eval_every=3",
+            "--config.evals.val.num_batches=2", "--config.ckpt.every_steps=100",
+            "--config.ckpt.async_save=False", "--config.log.every_steps=1",
+            "--config.log.progress_bar=False", f"--config.total_steps={total or steps}",
+            *extra]
+
+
+def test_two_processes_train_stage2_like_one(token_dir, tokenizer, tmp_path):  # noqa: F811
+    one = str(tmp_path / "one")
+    two = str(tmp_path / "two")
+    run(lm_args(token_dir, tokenizer), one, processes=1, devices=8)
+    results = run(lm_args(token_dir, tokenizer), two, processes=2, devices=4)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=RTOL)
+    # Only process 0 writes the logs, the config and the metrics; both write checkpoints.
+    assert os.path.exists(os.path.join(two, "exports", "step_0000006", "meta.json"))
+    assert "step 6:" in results[0][1] and "step 6:" not in results[1][1]
+    print(f"stage 2, 1 x 8 vs 2 x 4 devices: max relative loss difference "
+          f"{max(abs(b[s] / a[s] - 1) for s in a):.1e}")
+
+
+def dvae_args(data_dir, steps=4, total=None, job="train_dvae"):
+    """The tiny dVAE run of train_dvae_test, as command-line flags."""
+    return [f"--job={job}", f"--config={ROOT}/configs/dvae_shapes.py:steps={steps},batch=8",
+            f"--config.data.data_dir={data_dir}", "--config.data.shapes.image_size=16",
+            "--config.data.shapes.num_train=64", "--config.data.shapes.num_validation=16",
+            "--config.data.shapes.num_test=8", "--config.data.image_size=16",
+            "--config.model.image_size=16", "--config.model.group_count=2",
+            "--config.model.n_hid=8", "--config.model.n_blk_per_group=1",
+            "--config.model.n_init=8", "--config.model.vocab_size=16", "--config.eval_every=2",
+            "--config.evals.recon.num_batches=1", "--config.evals.recon.grid_examples=4",
+            "--config.ckpt.every_steps=100", "--config.ckpt.async_save=False",
+            "--config.log.every_steps=1", "--config.log.progress_bar=False",
+            f"--config.total_steps={total or steps}"]
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("shapes"))
+    run(dvae_args(d, job="prepare"), os.path.join(d, "prepare"))
+    return d
+
+
+def test_two_processes_train_the_dvae_like_one(shapes_dir, tmp_path):
+    one = str(tmp_path / "one")
+    two = str(tmp_path / "two")
+    run(dvae_args(shapes_dir), one, processes=1, devices=8)
+    run(dvae_args(shapes_dir), two, processes=2, devices=4)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 5))
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=RTOL)
+    print(f"dVAE, 1 x 8 vs 2 x 4 devices: max relative loss difference "
+          f"{max(abs(b[s] / a[s] - 1) for s in a):.1e}")
+    # The reconstruction grid (process 0) shows the first rows of the global batch.
+    assert os.path.exists(os.path.join(two, "eval", "recon_latest.png"))
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_process_counts_and_meshes(token_dir, tokenizer,  # noqa: F811
+                                                            tmp_path):
+    # Steps 1-3 on one layout, 4-6 on the other, against 6 uninterrupted steps. The
+    # schedule is that of a 6-step run throughout (total_steps only stops the first part).
+    straight = str(tmp_path / "straight")
+    run(lm_args(token_dir, tokenizer), straight)
+    reference = losses(straight)
+    fsdp = ["--config.sharding_rules=fsdp", "--config.mesh.fsdp=4"]
+    layouts = {"2 processes x 4 devices, dp": dict(processes=2, devices=4, extra=()),
+               "1 process x 8 devices, fsdp 4": dict(processes=1, devices=8, extra=fsdp)}
+    for name, (first, second) in {"2x4 -> 1x8": list(layouts.values()),
+                                  "1x8 -> 2x4": list(layouts.values())[::-1]}.items():
+        work = str(tmp_path / name.replace(" ", ""))
+        run(lm_args(token_dir, tokenizer, total=3, extra=first["extra"]), work,
+            processes=first["processes"], devices=first["devices"])
+        run(lm_args(token_dir, tokenizer, extra=second["extra"]), work,
+            processes=second["processes"], devices=second["devices"])
+        got = losses(work)
+        assert sorted(got) == list(range(1, 7)), name
+        # The second part resumed at step 3 rather than starting again (which would log
+        # steps 1-3 twice).
+        assert train_rows(work) == 6, name
+        np.testing.assert_allclose([got[s] for s in range(1, 7)],
+                                   [reference[s] for s in range(1, 7)], rtol=1e-4, err_msg=name)
+        print(f"{name}: max relative loss difference to the uninterrupted run "
+              f"{max(abs(got[s] / reference[s] - 1) for s in range(1, 7)):.1e}")
