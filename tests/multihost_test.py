@@ -28,9 +28,11 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args, workdir, *, processes=1, devices=8, heartbeat_s=None, env=None):
+def launch(args, workdir, *, processes=1, devices=8, heartbeat_s=None, env=None,
+           extra_args=None):
     """Starts ``processes`` copies of ``python -m dalle_jax.main ARGS`` with ``devices``
-    fake CPU devices each; returns the Popen objects (output in workdir/log.<i>.txt)."""
+    fake CPU devices each; returns the Popen objects (output in workdir/log.<i>.txt).
+    ``extra_args``: process index -> more flags for that process only."""
     base = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                 PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -45,6 +47,7 @@ def launch(args, workdir, *, processes=1, devices=8, heartbeat_s=None, env=None)
                     f"--process_id={i}"]
         if heartbeat_s:
             cmd.append(f"--heartbeat_timeout_s={heartbeat_s}")
+        cmd += (extra_args or {}).get(i, [])
         log = open(os.path.join(workdir, f"log.{i}.txt"), "a")
         procs.append(subprocess.Popen(cmd, env=base, stdout=log, stderr=subprocess.STDOUT,
                                       cwd=ROOT))
@@ -176,3 +179,71 @@ def test_checkpoints_move_between_process_counts_and_meshes(token_dir, tokenizer
                                    [reference[s] for s in range(1, 7)], rtol=1e-4, err_msg=name)
         print(f"{name}: max relative loss difference to the uninterrupted run "
               f"{max(abs(got[s] / reference[s] - 1) for s in range(1, 7)):.1e}")
+
+
+def _wait_for_training(workdir, procs, min_rows=3, timeout=240):
+    """Blocks until process 0 has logged ``min_rows`` training windows."""
+    deadline = time.time() + timeout
+    path = os.path.join(workdir, "metrics.jsonl")
+    while time.time() < deadline:
+        if os.path.exists(path) and train_rows(workdir) >= min_rows:
+            return
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    raise AssertionError("training did not start: " + "".join(
+        open(p.log_path).read()[-2000:] for p in procs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", [1, 0])
+def test_sigterm_to_any_process_saves_everywhere_and_resumes(token_dir, tokenizer,  # noqa: F811
+                                                             tmp_path, signalled):
+    args = lm_args(token_dir, tokenizer, steps=120)
+    straight = str(tmp_path / "straight")
+    run(args, straight, processes=2, devices=4)
+
+    work = str(tmp_path / "preempted")
+    procs = launch(args, work, processes=2, devices=4)
+    _wait_for_training(work, procs)
+    procs[signalled].send_signal(signal.SIGTERM)
+    results = wait(procs, timeout=120)
+    for rc, text in results:
+        assert rc == 0, text[-4000:]
+    steps = sorted(int(d) for d in os.listdir(os.path.join(work, "checkpoints")) if d.isdigit())
+    assert len(steps) == 1 and 3 <= steps[0] < 120, steps
+    for _, text in results:  # both processes name the same step
+        assert f"every process saves at step {steps[0]}" in text
+    assert not os.path.exists(os.path.join(work, "exports"))
+
+    run(args, work, processes=2, devices=4)
+    got, want = losses(work), losses(straight)
+    assert sorted(got) == sorted(want) == list(range(1, 121))
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-6)
+    assert train_rows(work) == 120
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_stops_the_others(token_dir, tokenizer, tmp_path):  # noqa: F811
+    work = str(tmp_path / "killed")
+    procs = launch(lm_args(token_dir, tokenizer, steps=100000), work, processes=2, devices=4,
+                   heartbeat_s=5)
+    _wait_for_training(work, procs)
+    t0 = time.time()
+    procs[1].kill()  # SIGKILL: no notice, no checkpoint
+    (rc, text), _ = wait(procs, timeout=90)
+    assert rc != 0 and time.time() - t0 < 60
+    assert "stopped sending heartbeats" in text, text[-3000:]
+
+
+def test_processes_with_different_configs_stop_at_start(token_dir, tokenizer,  # noqa: F811
+                                                        tmp_path):
+    work = str(tmp_path / "differ")
+    results = wait(launch(lm_args(token_dir, tokenizer), work, processes=2, devices=4,
+                          extra_args={1: ["--config.model.depth=3", "--config.seed=5"]}),
+                   timeout=120)
+    assert all(rc != 0 for rc, _ in results)
+    assert "processes [1] run a config that differs from process 0's" in results[0][1]
+    assert "model.depth: process 0 has 2, this process has 3" in results[1][1]
+    assert "seed: process 0 has 0, this process has 5" in results[1][1]
+    assert not os.path.exists(os.path.join(work, "checkpoints"))
