@@ -138,17 +138,22 @@ def export_params(path: str, params: Any, meta: dict, *, dtype: str | None = Non
     return path
 
 
+def read_export_meta(path: str) -> dict:
+    """The ``meta.json`` of an ``export_params`` directory (identity, step, dtype)."""
+    meta_path = os.path.join(os.path.abspath(path), "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{path!r} is not a params export (no meta.json)")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
 def load_params(path: str, *, identity: dict | None = None, abstract: Any = None) -> tuple[Any, dict]:
     """Loads an ``export_params`` directory; checks identity if given.
 
     With ``abstract`` (ShapeDtypeStructs carrying shardings) the params land sharded.
     """
     path = os.path.abspath(path)
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{path!r} is not a params export (no meta.json)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_export_meta(path)
     if identity is not None:
         check_compatible(meta, identity, path)
     ckptr = ocp.StandardCheckpointer()

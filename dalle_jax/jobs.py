@@ -264,8 +264,11 @@ def _load_sampler(cfg, workdir: str, export: str, dvae_dir: str):
     sampling = sampler_lib.SamplingConfig(temperature=float(s.temperature), top_k=int(s.top_k),
                                           top_p=float(s.top_p))
     logging.info("sampling from %s with dVAE %s", export, dvae_dir)
+    from dalle_jax import sharding
+
     return sampler_lib.Sampler.load(export, _bpe_path(cfg, workdir), dvae_dir, sampling=sampling,
-                                    dtype=str(cfg.precision.compute_dtype))
+                                    dtype=str(cfg.precision.compute_dtype),
+                                    mesh=sharding.make_mesh(cfg.mesh), rules=cfg.sharding_rules)
 
 
 def sample(cfg, workdir: str) -> None:
@@ -278,6 +281,11 @@ def sample(cfg, workdir: str) -> None:
     split in ``sample.eval_splits`` (``validation``: in-distribution objects,
     ``test_compositional``: held-out objects), with their grids, next to the share of the
     dVAE's reconstructions of the real images that match (the ceiling the dVAE sets).
+
+    Sampling runs on the config's mesh with its sharding rules: the transformer is
+    restored straight into its training shardings and the candidates are split over the
+    batch axes, with every process of a multi-host job taking part. Process 0 decodes
+    the gathered tokens with the dVAE and writes every file.
     """
     import jax
     import numpy as np
@@ -285,8 +293,6 @@ def sample(cfg, workdir: str) -> None:
     from dalle_jax import visualize
     from dalle_jax.data.tokens import TokenSource, read_meta
 
-    if jax.process_index() != 0:
-        return
     s = cfg.sample
     captions = [str(c) for c in s.captions]
     if not captions:
@@ -306,8 +312,21 @@ def sample(cfg, workdir: str) -> None:
     t0 = time.time()
     tokens = sampler.tokens(captions, num_candidates=n, seed=seed, batch_size=bs)
     seconds = time.time() - t0
-    images = sampler.images(tokens, batch_size=bs)
     shapes_data = read_meta(str(cfg.data.tokens_dir)).get("source", {}).get("source") == "shapes"
+    # Sampling is collective (every process runs it on its devices); the evaluation's is
+    # done here too, before process 0 alone decodes, scores and writes.
+    evaluation = {}
+    if shapes_data and int(s.eval_captions) > 0:
+        for split in [x.strip() for x in str(s.eval_splits).split(",") if x.strip()]:
+            source = TokenSource(str(cfg.data.tokens_dir), split)
+            examples = [source[i] for i in range(min(int(s.eval_captions), len(source)))]
+            caps = [str(ex["caption"]) for ex in examples]
+            t_split = time.time()
+            toks = sampler.tokens(caps, num_candidates=1, seed=seed, batch_size=bs)
+            evaluation[split] = (source.grid, examples, caps, toks, time.time() - t_split)
+    if jax.process_index() != 0:
+        return
+    images = sampler.images(tokens, batch_size=bs)
     if shapes_data:
         from dalle_jax.eval import shapes_match
     report = {"settings": settings, "export": export, "seed": seed, "num_candidates": n,
@@ -330,23 +349,17 @@ def sample(cfg, workdir: str) -> None:
                         ncols=n, scale=2, caption_lines=2)
     np.savez(os.path.join(out_dir, "tokens.npz"), tokens=tokens, captions=np.asarray(captions))
 
-    if shapes_data and int(s.eval_captions) > 0:
+    if evaluation:
         report["caption_match"] = {}
-        for split in [x.strip() for x in str(s.eval_splits).split(",") if x.strip()]:
-            source = TokenSource(str(cfg.data.tokens_dir), split)
-            m = min(int(s.eval_captions), len(source))
-            examples = [source[i] for i in range(m)]
-            caps = [str(ex["caption"]) for ex in examples]
-            t0 = time.time()
-            toks = sampler.tokens(caps, num_candidates=1, seed=seed, batch_size=bs)
-            seconds = time.time() - t0
+        for split, (grid, examples, caps, toks, seconds) in evaluation.items():
+            m = len(examples)
             imgs = sampler.images(toks, batch_size=bs)[:, 0]
             summary = shapes_match.score(imgs, caps)
             summary["sampling_seconds"] = round(seconds, 2)
             # The same check on the dVAE's reconstructions of the real images (their own
             # tokens, decoded): the most the transformer can reach through this dVAE.
             real = np.stack([ex["image_tokens"] for ex in examples])
-            real = real.reshape((m, source.grid, source.grid))
+            real = real.reshape((m, grid, grid))
             recon = shapes_match.score(sampler.images(real, batch_size=bs), caps)
             summary["dvae_reconstruction"] = {k: recon[k] for k in ("count", "matched",
                                                                      "fraction")}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dalle_jax import metrics as metrics_lib
-from train_lm_test import token_dir, tokenizer  # noqa: F401  (module fixtures)
+from train_lm_test import dvae_export, token_dir, tokenizer  # noqa: F401  (module fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Losses of a 2 x 4-device run against a 1 x 8-device run of the same mesh: the programs
@@ -247,3 +247,27 @@ def test_processes_with_different_configs_stop_at_start(token_dir, tokenizer,  #
     assert "model.depth: process 0 has 2, this process has 3" in results[1][1]
     assert "seed: process 0 has 0, this process has 5" in results[1][1]
     assert not os.path.exists(os.path.join(work, "checkpoints"))
+
+
+def test_sampling_is_the_same_on_one_device_a_mesh_and_two_processes(  # noqa: F811
+        token_dir, tokenizer, dvae_export, tmp_path):
+    model = str(tmp_path / "model")
+    run(lm_args(token_dir, tokenizer), model)
+    sample = ["--job=sample", f"--config.sample.params={model}/exports/step_0000006",
+              f"--config.sample.dvae_params={dvae_export}", "--config.sample.num_candidates=3",
+              "--config.sample.batch_size=8", "--config.sample.top_k=4"]
+    args = [a for a in lm_args(token_dir, tokenizer) if not a.startswith("--job")] + sample
+    fsdp = ["--config.sharding_rules=fsdp", "--config.mesh.fsdp=4"]
+    layouts = {"1 device": (dict(processes=1, devices=1), []),
+               "8 devices, dp": (dict(processes=1, devices=8), []),
+               "2 processes x 4 devices, fsdp": (dict(processes=2, devices=4), fsdp)}
+    tokens = {}
+    for name, (kw, extra) in layouts.items():
+        work = str(tmp_path / name.replace(" ", "").replace(",", ""))
+        run(args + extra, work, **kw)
+        tokens[name] = np.load(os.path.join(work, "samples", "tokens.npz"))["tokens"]
+        assert os.path.exists(os.path.join(work, "samples", "grid.png"))
+    first = tokens.pop("1 device")
+    assert first.shape[:2] == (10, 3)
+    for name, got in tokens.items():
+        np.testing.assert_array_equal(got, first, err_msg=name)

@@ -199,3 +199,29 @@ def test_sampler_completes_images_from_kept_rows():
         s.complete(["c1", "c2"], keep_rows=1)
     with pytest.raises(ValueError, match="dVAE"):
         s.complete(["c1", "c2"], keep_rows=1, images=np.zeros((2, 16, 16, 3), np.uint8))
+
+
+@pytest.mark.parametrize("rules,degrees,num_devices", [
+    ("dp", dict(data=1, fsdp=1, tensor=1), 1),
+    ("dp", dict(data=-1, fsdp=1, tensor=1), 8),
+    ("fsdp", dict(data=1, fsdp=8, tensor=1), 8),
+    ("fsdp_tp", dict(data=2, fsdp=2, tensor=2), 8),
+])
+def test_sampling_on_a_mesh_gives_the_same_images(rules, degrees, num_devices):
+    from dalle_jax import sharding
+
+    reference = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer())
+    caps = ["c1", "c2", "c3"]
+    want = reference.tokens(caps, num_candidates=3, seed=2, batch_size=4)
+    mesh = sharding.make_mesh(degrees, jax.devices()[:num_devices])
+    s = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer(), mesh=mesh, rules=rules)
+    # Parameters live where the training rules put them.
+    expected = smp.param_shardings(TINY, mesh, sharding.get_rules(rules))
+    jax.tree.map(lambda p, sh: p.sharding.is_equivalent_to(sh, p.ndim) or pytest.fail(str(sh)),
+                 s.params, expected)
+    if rules != "dp":
+        qkv = s.params["layers"]["qkv_kernel"]
+        assert qkv.addressable_shards[0].data.size < qkv.size  # no device holds it whole
+    # 9 samples in batches rounded up to the batch shards: same tokens as one device.
+    got = s.tokens(caps, num_candidates=3, seed=2, batch_size=4)
+    np.testing.assert_array_equal(got, want)

@@ -22,6 +22,14 @@ keep the smallest set of largest-probability tokens whose mass reaches p, 1 = of
 Image completion (paper §3.1, Fig. 2 bottom row): ``prefix_BP`` fixes the first ``P``
 image tokens (e.g. the top 15 of 32 rows of a real image's tokens, ``P = 15 * 32``);
 they join the text in the cache-filling pass and only cells ``P..I-1`` are sampled.
+
+On a mesh (`Sampler` with ``mesh=``, or `Sampler.load` with ``mesh=``) the parameters are
+placed (or restored straight from the export) by the same logical-axis rules as in
+training, so a model sharded over ``fsdp`` / ``tensor`` for training samples sharded the
+same way and no device (or host) holds it whole; candidates are split over the batch
+axes of the mesh, and with several processes every process runs the same program on its
+devices. Since keys follow global sample indices, the images are the same on one device,
+on a mesh and over several processes (tested).
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
 from dalle_jax import sharding
 from dalle_jax.models import transformer as tfm
@@ -216,22 +227,46 @@ def sample_tokens(params: PyTree, text_BT: jax.Array, sample_ids_B: jax.Array, k
 # ----------------------------------------------------------------------------- convenience
 
 
+def param_shardings(config: tfm.TransformerConfig, mesh, rules) -> PyTree:
+    """Where each transformer parameter lives on ``mesh`` under the logical-axis ``rules``
+    (the training layout), computed without allocating anything."""
+    abstract = jax.eval_shape(functools.partial(tfm.init_variables, config),
+                              jax.random.key(0))["params"]
+    return sharding.tree_shardings(abstract, mesh, rules)
+
+
+def abstract_params(config: tfm.TransformerConfig, mesh=None, rules=None) -> PyTree:
+    """``ShapeDtypeStruct``s of the parameters, with their shardings when ``mesh`` is given
+    (restore targets: each process reads only its shards of an export)."""
+    shapes = sharding.unboxed(jax.eval_shape(functools.partial(tfm.init_variables, config),
+                                             jax.random.key(0))["params"])
+    if mesh is None:
+        return shapes
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        shapes, param_shardings(config, mesh, rules))
+
+
 class Sampler:
     """Captions in, image tokens and images out: a trained transformer, its text tokenizer
     and (optionally) its dVAE, with one jitted program per (batch, prefix length) shape.
 
     Args:
         config: the transformer's architecture.
-        params: its parameters (e.g. `checkpoint.load_params` of an export).
+        params: its parameters (e.g. `checkpoint.load_params` of an export); on a mesh,
+            arrays already placed there are used as they are, others are placed.
         text_tokenizer: the `TextTokenizer` the model was trained with.
         image_tokenizer: the dVAE `ImageTokenizer`; needed for images, not for tokens.
         sampling: token filtering.
+        mesh: run on this mesh (`sharding.make_mesh`) with the logical-axis ``rules``
+            (a preset name or rule pairs): parameters sharded as in training, each batch
+            of candidates split over the mesh's batch axes. None: the default device.
+        rules: required with ``mesh``.
     """
 
     def __init__(self, config: tfm.TransformerConfig, params: PyTree, text_tokenizer: Any,
-                 image_tokenizer: Any = None, sampling: SamplingConfig = SamplingConfig()):
+                 image_tokenizer: Any = None, sampling: SamplingConfig = SamplingConfig(), *,
+                 mesh=None, rules=None):
         self.config = config
-        self.params = sharding.unboxed(params)
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer
         self.sampling = sampling
@@ -244,24 +279,61 @@ class Sampler:
             raise ValueError(
                 f"dVAE ({image_tokenizer.vocab_size} codes, grid {image_tokenizer.grid}) does "
                 f"not match the transformer (image_vocab={config.image_vocab}, grid={config.grid})")
-        self._sample = jax.jit(functools.partial(sample_tokens, config=config, sampling=sampling))
+        fn = functools.partial(sample_tokens, config=config, sampling=sampling)
+        self.mesh = mesh
+        if mesh is None:
+            self.params = sharding.unboxed(params)
+            self._sample = jax.jit(fn)
+            self.batch_shards = 1
+            return
+        if rules is None:
+            raise ValueError("a Sampler on a mesh needs the logical-axis rules")
+        self.rules = sharding.get_rules(rules)
+        param_sh = param_shardings(config, mesh, self.rules)
+        self.params = jax.tree.map(
+            lambda x, sh: x if getattr(x, "sharding", None) == sh else jax.device_put(x, sh),
+            sharding.unboxed(params), param_sh)
+        rows = NamedSharding(mesh, sharding.batch_spec(mesh, self.rules, 2))
+        ids = NamedSharding(mesh, sharding.batch_spec(mesh, self.rules, 1))
+        self._rows, self._ids = rows, ids
+        self.batch_shards = sharding.batch_shards(dict(mesh.shape), self.rules)
+        jitted = jax.jit(fn, in_shardings=(param_sh, rows, ids, sharding.replicated(mesh), rows),
+                         out_shardings=rows)
+
+        def run(params, text, ids_, key, prefix):
+            # Traced under the rules, so the model's activation constraints apply.
+            with sharding.activation_rules(mesh, self.rules):
+                return jitted(params, text, ids_, key, prefix)
+
+        self._sample = run
 
     @classmethod
     def load(cls, transformer_export: str, bpe_model: str, dvae_export: str | None = None, *,
-             sampling: SamplingConfig = SamplingConfig(), dtype: str = "float32") -> Sampler:
+             sampling: SamplingConfig = SamplingConfig(), dtype: str = "float32",
+             mesh=None, rules=None) -> Sampler:
         """A sampler from files: a transformer export (``exports/step_N`` of ``--job=train``),
         its BPE model and, for images, its dVAE export. Each is checked against the
         identities the transformer was trained with, so a tokenizer or dVAE from another
-        run fails with the differing fields named instead of producing noise."""
+        run fails with the differing fields named instead of producing noise.
+
+        With ``mesh`` (and ``rules``) the parameters are restored straight into their
+        shardings: every process reads only the shards its devices hold.
+        """
         from dalle_jax import checkpoint
         from dalle_jax.tokenizers import bpe, dvae as dvae_lib, params_io
 
-        params, meta = checkpoint.load_params(transformer_export)
+        meta = checkpoint.read_export_meta(transformer_export)
         ident = meta.get("identity", {})
         if ident.get("kind") != "transformer":
             raise ValueError(f"{transformer_export!r} is not a transformer export "
                              f"(identity kind {ident.get('kind')!r})")
         config = tfm.TransformerConfig(**ident["model"], dtype=dtype)
+        target = None
+        if mesh is not None:
+            if rules is None:
+                raise ValueError("a Sampler on a mesh needs the logical-axis rules")
+            target = abstract_params(config, mesh, sharding.get_rules(rules))
+        params, _ = checkpoint.load_params(transformer_export, abstract=target)
         text_tokenizer = bpe.TextTokenizer(bpe_model)
         text_tokenizer.check_identity(ident["tokenizer"])
         image_tokenizer = None
@@ -272,7 +344,8 @@ class Sampler:
             if diff:
                 raise ValueError(f"dVAE {dvae_export!r} is not the one the transformer was "
                                  f"trained on: " + "; ".join(diff))
-        return cls(config, params, text_tokenizer, image_tokenizer, sampling)
+        return cls(config, params, text_tokenizer, image_tokenizer, sampling, mesh=mesh,
+                   rules=rules)
 
     def encode_captions(self, captions: Sequence[str]) -> np.ndarray:
         """``(N, T)`` text slots of the captions (no BPE-dropout)."""
@@ -306,17 +379,35 @@ class Sampler:
                 raise ValueError(f"prefix tokens must lie in [0, {self.config.image_vocab})")
             prefix_NP = np.repeat(prefix.astype(np.int32), num_candidates, axis=0)
         key = jax.random.key(seed)
+        # One compiled batch size: ``batch_size``, or all samples when fewer, rounded up to
+        # a multiple of the mesh's batch shards so that every device gets whole rows.
+        shards = self.batch_shards
+        size = -(-min(batch_size, len(ids_N)) // shards) * shards
         out = []
-        for lo in range(0, len(ids_N), batch_size):
-            hi = min(lo + batch_size, len(ids_N))
-            pad = batch_size - (hi - lo) if len(ids_N) > batch_size else 0
+        for lo in range(0, len(ids_N), size):
+            hi = min(lo + size, len(ids_N))
+            pad = size - (hi - lo)
             # Pad the last batch to the compiled size; padded rows are dropped.
             rows = [np.concatenate([a[lo:hi], np.repeat(a[hi - 1:hi], pad, 0)])
                     for a in (text_NT, ids_N, prefix_NP)]
+            if self.mesh is not None:
+                rows = [self._place(r, self._rows if r.ndim == 2 else self._ids) for r in rows]
             toks = self._sample(self.params, rows[0], rows[1], key, rows[2])
-            out.append(np.asarray(toks)[: hi - lo])
+            out.append(self._fetch(toks)[: hi - lo])
         g = self.config.grid
         return np.concatenate(out).reshape(n, num_candidates, g, g)
+
+    @staticmethod
+    def _place(host: np.ndarray, sh) -> jax.Array:
+        """A global array from a host array every process holds in full."""
+        return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
+
+    @staticmethod
+    def _fetch(arr: jax.Array) -> np.ndarray:
+        """The whole (batch-sharded) array on every process."""
+        if arr.is_fully_addressable:
+            return np.asarray(arr)
+        return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
 
     def complete(self, captions: Sequence[str], *, keep_rows: int, images: Any = None,
                  image_tokens: Any = None, num_candidates: int = 1, seed: int = 0,

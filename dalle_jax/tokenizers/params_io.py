@@ -61,7 +61,8 @@ def load_params(
             ``dtype``, which do not change the weights) must match the stored config; the
             returned config is then ``expected_config`` itself.
         sharding: one `jax.sharding.Sharding` for every array, or a tree of them matching
-            the parameters; default: a single device.
+            the parameters; default: this process's first device (each process of a
+            multi-host job then holds its own copy).
 
     Raises:
         ValueError: the stored dVAE has a different architecture (lists the fields).
@@ -77,7 +78,7 @@ def load_params(
         config = expected_config
     abstract = abstract_params(stored)
     if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(sharding, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: sharding, abstract)
     else:
