@@ -380,7 +380,9 @@ def plan(cfg, workdir: str) -> None:
     exist. ``plan.device_memory_gib`` is one device's memory. Prints the per-device table
     (`dalle_jax.plan.Plan.format`) and, for each remat policy, the largest per-device
     microbatch that fits; writes both to ``workdir/plan.json``. Exits with status 1 when
-    the config as given does not fit.
+    the config as given does not fit. For a stage-2 config it also prints what one device
+    needs to sample ``sample.batch_size`` sequences per call on the same mesh
+    (`dalle_jax.plan.sampling_plan`), with a float32 and a bfloat16 export.
     """
     import jax
 
@@ -400,8 +402,18 @@ def plan(cfg, workdir: str) -> None:
                   f"{o['total_gib']:.2f} GiB")
         else:
             print(f"  remat={o['remat']:<5} does not fit even at 1 example per device")
+    out = {"plan": p.to_dict(), "fit": options}
+    if "width" in cfg.model and "sample" in cfg:
+        # Sampling an export of this model on the same mesh (the sample job's layout).
+        sp = plan_lib.sampling_plan_config(cfg, n, memory, workdir=workdir, margin=margin)
+        bf16 = plan_lib.sampling_plan_config(cfg, n, memory, workdir=workdir, margin=margin,
+                                             param_dtype="bfloat16")
+        print("\n" + sp.format())
+        print(f"with a bfloat16 export: {bf16.total_bytes / plan_lib.GiB:.3f} GiB per device")
+        out["sampling"] = sp.to_dict()
+        out["sampling_bfloat16_export"] = bf16.to_dict()
     if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, "plan.json"), {"plan": p.to_dict(), "fit": options})
+        _write_json(os.path.join(workdir, "plan.json"), out)
     if not p.fits:
         raise SystemExit(1)
 

@@ -21,6 +21,11 @@ transformer with ``dp``, 1.25x with ``fsdp``; 1.36x for a width-256, 64 + 16x16-
 transformer with ``fsdp`` and full remat; 1.11x for the tiny dVAE with ``fsdp``. XLA on
 GPU/TPU schedules differently, so a plan counts as fitting only under ``margin`` of the
 device memory (0.9 by default).
+
+`sampling_plan` does the same for sampling (`dalle_jax.sample.sampler`): the parameters
+as the rules place them, the key/value cache, the layer weights FSDP gathers and the
+working set of the cache-filling pass; tests/plan_test.py compares it with the compiled
+sampling program's memory analysis.
 """
 
 from __future__ import annotations
@@ -365,3 +370,130 @@ def _with(cfg, remat: str | None, global_batch: int):
         trial.model.remat = remat
     trial.data.global_batch_size = global_batch
     return trial
+
+
+# ----------------------------------------------------------------------------- sampling
+
+SAMPLING_ROWS = ("params", "kv cache", "layer weights in use", "gathered embeddings and head",
+                 "mask table", "working set")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    """Per-device bytes of sampling a transformer on a mesh (`sampling_plan`)."""
+
+    what: str
+    mesh: dict[str, int]
+    rules: str
+    param_dtype: str
+    compute_dtype: str
+    batch: int  # sequences per sampling call over all devices
+    per_device_batch: int
+    num_params: int
+    rows: dict[str, int]  # SAMPLING_ROWS -> bytes per device
+    device_bytes: int
+    margin: float = 0.9
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.rows.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.margin * self.device_bytes
+
+    def to_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits)
+
+    def format(self) -> str:
+        devices = math.prod(self.mesh.values())
+        mesh = " x ".join(f"{a}={d}" for a, d in self.mesh.items())
+        lines = [f"sampling the {self.what}: {self.num_params:,} parameters in "
+                 f"{self.param_dtype}, compute {self.compute_dtype}",
+                 f"mesh {mesh} ({devices} devices), sharding_rules={self.rules}; "
+                 f"{self.batch} sequences per call ({self.per_device_batch} per batch shard)",
+                 "", f"{'per device':<42}{'GiB':>10}"]
+        lines += [f"  {name:<40}{b / GiB:>10.3f}" for name, b in self.rows.items()]
+        lines += [f"  {'total':<40}{self.total_bytes / GiB:>10.3f}",
+                  f"  {'device memory':<40}{self.device_bytes / GiB:>10.3f}", "",
+                  ("fits" if self.fits else "DOES NOT FIT")
+                  + f" ({self.total_bytes / self.device_bytes:.0%} of the device; "
+                    f"the planner asks for at most {self.margin:.0%})"]
+        return "\n".join(lines)
+
+
+def sampling_plan(mcfg: tfm.TransformerConfig, mesh_shape: dict[str, int], rules, batch: int,
+                  *, param_dtype: str = "float32", device_memory_gib: float = 80.0,
+                  margin: float = 0.9, rules_name: str = "") -> SamplingPlan:
+    """What one device holds to sample ``batch`` sequences at once on this mesh.
+
+    * ``params``: exact, every leaf placed by the rules (as `Sampler` on a mesh restores
+      it), in ``param_dtype`` (a bfloat16 export halves it);
+    * ``kv cache``: exact, keys and values of every layer and slot for the device's
+      sequences, heads split where the rules split them, in the compute dtype;
+    * ``layer weights in use``: the layer being run has its weights (its tensor shard)
+      as one working copy, gathered whole with FSDP, sliced out of the layer stack
+      otherwise; two layers are counted (XLA may fetch the next while one runs);
+    * ``gathered embeddings and head``: likewise for the FSDP-split embeddings and image
+      head, counted in float32 (the head's matmul runs in float32);
+    * ``mask table``: the per-layer attention masks the cached steps read rows of;
+    * ``working set``: estimated, the cache-filling pass over the text (its float32
+      activations, MLP hidden and attention logits and probabilities) plus a step's
+      logits and their filtering.
+    """
+    rules = sharding.get_rules(rules)
+    shards = sharding.batch_shards(mesh_shape, rules)
+    if batch % shards:
+        raise ValueError(f"batch {batch} does not divide over the {shards} batch shards of "
+                         f"mesh {mesh_shape}")
+    b = batch // shards
+    boxed = jax.eval_shape(functools.partial(tfm.init_variables, mcfg),
+                           jax.random.key(0))["params"]
+    sharding.check_shardable(boxed, mesh_shape, rules)
+    scale = _DTYPE_BYTES[param_dtype] / 4  # the abstract params are float32
+    leaves = sharding.leaf_shardings(boxed, mesh_shape, rules)
+    params = sum(r.bytes_per_device for r in leaves)
+    fsdp_layer = fsdp_other = 0
+    for r in leaves:
+        axes = [a for e in tuple(r.spec) for a in sharding.spec_axes(e)]
+        gathered = math.prod(mesh_shape.get(a, 1) for a in axes if a != "tensor")
+        if r.path.startswith("layers/"):
+            fsdp_layer += r.bytes_per_device * gathered // mcfg.depth
+        elif gathered > 1:  # embeddings and the image head, which is used in float32
+            fsdp_other += r.bytes_per_device * gathered
+    heads = -(-mcfg.heads // _ways(rules, mesh_shape, "heads"))
+    cdt = _DTYPE_BYTES[mcfg.dtype]
+    cache = 2 * mcfg.depth * b * mcfg.seq_len * heads * mcfg.head_dim * cdt
+    masks, _ = tfm.layer_masks(mcfg)
+    t, d, seq = mcfg.text_len, mcfg.width, mcfg.seq_len
+    mlp = mcfg.mlp_ratio * d // _ways(rules, mesh_shape, "mlp")
+    prefill = 4 * b * t * (8 * d + 2 * mlp) + 2 * 4 * b * heads * t * seq
+    step_logits = 3 * 4 * b * mcfg.image_vocab_padded
+    rows = {"params": int(params * scale), "kv cache": int(cache),
+            "layer weights in use": int(2 * fsdp_layer * scale),
+            "gathered embeddings and head": int(fsdp_other),
+            "mask table": int(np.asarray(masks).nbytes), "working set": int(prefill + step_logits)}
+    num_params = sum(math.prod(r.shape) for r in leaves)
+    what = (f"transformer (width {mcfg.width}, depth {mcfg.depth}, {mcfg.heads} heads, "
+            f"{mcfg.text_len} + {mcfg.grid}x{mcfg.grid} slots)")
+    return SamplingPlan(what=what, mesh=dict(mesh_shape), rules=rules_name, param_dtype=param_dtype,
+                        compute_dtype=str(mcfg.dtype), batch=batch, per_device_batch=b,
+                        num_params=int(num_params), rows=rows,
+                        device_bytes=int(device_memory_gib * GiB), margin=margin)
+
+
+def sampling_plan_config(cfg, num_devices: int, device_memory_gib: float, *,
+                         workdir: str | None = None, margin: float = 0.9,
+                         param_dtype: str = "float32") -> SamplingPlan:
+    """`sampling_plan` of a stage-2 config: its model, mesh and rules, ``sample.batch_size``
+    sequences per call (rounded up to the batch shards, as the sampler does)."""
+    dims = sharding.mesh_shape(cfg.mesh, num_devices)
+    mesh_shape = dict(zip(sharding.MESH_AXES, dims))
+    rules = sharding.get_rules(cfg.sharding_rules)
+    shards = sharding.batch_shards(mesh_shape, rules)
+    batch = -(-int(cfg.sample.batch_size) // shards) * shards
+    mcfg = dataclasses.replace(_transformer_config(cfg, workdir),
+                               dtype=str(cfg.precision.compute_dtype))
+    return sampling_plan(mcfg, mesh_shape, rules, batch, param_dtype=param_dtype,
+                         device_memory_gib=device_memory_gib, margin=margin,
+                         rules_name=str(cfg.sharding_rules))

@@ -126,6 +126,8 @@ def test_plan_job_prints_the_table_and_exits_nonzero_when_it_does_not_fit(tmp_pa
     with open(tmp_path / "ok" / "plan.json") as f:
         saved = json.load(f)
     assert saved["plan"]["fits"] and saved["plan"]["mesh"]["tensor"] == 8
+    assert "sampling the transformer" in ok.stdout and "kv cache" in ok.stdout
+    assert saved["sampling"]["fits"] and "with a bfloat16 export" in ok.stdout
     small = _run_plan(tmp_path / "small", "--config.plan.device_memory_gib=4")
     assert small.returncode == 1
     assert "DOES NOT FIT" in small.stdout

@@ -38,6 +38,7 @@ import dataclasses
 import functools
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,12 +98,18 @@ def filter_logits(logits_BC: jax.Array, sampling: SamplingConfig) -> jax.Array:
 
 # ----------------------------------------------------------------------------- cached model
 
+# Logical axes of the key / value cache (depth, batch, slots, heads, head width).
+CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+
 
 def init_cache(config: tfm.TransformerConfig, batch: int) -> tuple[jax.Array, jax.Array]:
     """An empty ``(keys, values)`` cache for ``batch`` sequences, each ``(depth, B, L, H, K)``
     in the compute dtype (every slot is written before a query can see it)."""
     shape = (config.depth, batch, config.seq_len, config.heads, config.head_dim)
-    return (jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
+    # On a mesh the cache is split like the keys and values it stores: batch over the batch
+    # axes, heads over "tensor" where the rules say so (a no-op off a mesh).
+    return tuple(nn.with_logical_constraint(jnp.zeros(shape, config.compute_dtype), CACHE_AXES)
+                 for _ in range(2))
 
 
 def forward_cached(params: PyTree, config: tfm.TransformerConfig, x_BQD: jax.Array,
@@ -118,21 +125,30 @@ def forward_cached(params: PyTree, config: tfm.TransformerConfig, x_BQD: jax.Arr
     table_NLL, index = tfm.layer_masks(config)
     q_len = x_BQD.shape[1]
     rows_NQL = jax.lax.dynamic_slice_in_dim(jnp.asarray(table_NLL), start, q_len, axis=1)
-    cache_k, cache_v = cache
     dt = config.compute_dtype
-    x_BQD = x_BQD.astype(jnp.float32)
-    layers = params["layers"]
-    for l in range(config.depth):
-        p = jax.tree.map(lambda a: a[l], layers)
+
+    # One layer per scan iteration: each reads its own slice of the stacked weights and
+    # updates its slot of the cache in place, so no per-layer copies of the weights (or of
+    # the cache) are made, and the program does not grow with the depth.
+    def layer(carry, inputs):
+        x_BQD, cache_k, cache_v = carry
+        p, l, kind = inputs
         h_BQD = tfm.layer_norm(x_BQD, p["ln1_scale"], p["ln1_bias"])
         q, k, v = tfm.qkv_projection(p, h_BQD, dt, config.heads)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype),
                                                (l, 0, start, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype),
                                                (l, 0, start, 0, 0))
-        out_BQHK = tfm.attend(q, cache_k[l], cache_v[l], rows_NQL[int(index[l])])
-        x_BQD = x_BQD + tfm.attention_output(p, out_BQHK, dt)
+        keys = jax.lax.dynamic_index_in_dim(cache_k, l, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(cache_v, l, keepdims=False)
+        rows_QL = jax.lax.dynamic_index_in_dim(rows_NQL, kind, keepdims=False)
+        x_BQD = x_BQD + tfm.attention_output(p, tfm.attend(q, keys, values, rows_QL), dt)
         x_BQD = x_BQD + tfm.mlp_branch(p, x_BQD, config)
+        return (x_BQD, cache_k, cache_v), None
+
+    (x_BQD, cache_k, cache_v), _ = jax.lax.scan(
+        layer, (x_BQD.astype(jnp.float32), *cache),
+        (params["layers"], jnp.arange(config.depth), jnp.asarray(index)))
     h_BQD = tfm.layer_norm(x_BQD, params["final_ln_scale"], params["final_ln_bias"])
     return h_BQD, (cache_k, cache_v)
 
@@ -244,6 +260,27 @@ def abstract_params(config: tfm.TransformerConfig, mesh=None, rules=None) -> PyT
         return shapes
     return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                         shapes, param_shardings(config, mesh, rules))
+
+
+def compile_sampler(config: tfm.TransformerConfig, mesh, rules, batch: int, *,
+                    sampling: SamplingConfig = SamplingConfig(), prefix_len: int = 0,
+                    param_dtype: str = "float32"):
+    """The sampling program for ``batch`` sequences on ``mesh``, lowered and compiled from
+    abstract inputs (nothing allocated); its ``memory_analysis()`` is what one device needs
+    (`dalle_jax.plan.sampling_plan` estimates the same without compiling)."""
+    rules = sharding.get_rules(rules)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, param_dtype,
+                                                         sharding=a.sharding),
+                          abstract_params(config, mesh, rules))
+    rows = NamedSharding(mesh, sharding.batch_spec(mesh, rules, 2))
+    ids = NamedSharding(mesh, sharding.batch_spec(mesh, rules, 1))
+    args = (params, jax.ShapeDtypeStruct((batch, config.text_len), jnp.int32, sharding=rows),
+            jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=ids), jax.random.key(0),
+            jax.ShapeDtypeStruct((batch, prefix_len), jnp.int32, sharding=rows))
+    fn = jax.jit(functools.partial(sample_tokens, config=config, sampling=sampling),
+                 out_shardings=rows)
+    with sharding.activation_rules(mesh, rules):
+        return fn.lower(*args).compile()
 
 
 class Sampler:
