@@ -15,7 +15,9 @@ model size, sequence and batch (`bench/compare_peer.py` runs the two side by sid
 * Sampling: `dalle_jax.sample.sampler.sample_tokens` (text pass filling the KV cache, then
   one cached step per image token) with top-k keeping 10% of the vocabulary (the peer's
   ``filter_thres=0.9``), plus decoding the tokens to pixels with a small dVAE. Reports
-  seconds per image and image tokens per second at ``--sample-batch``.
+  seconds per image and image tokens per second at ``--sample-batch``, and on an
+  accelerator with a known HBM bandwidth the time per token against the weight-bandwidth
+  bound (weight bytes / bandwidth: batch-1 sampling reads every weight once per token).
 * ``--attn``: ``paper`` (row/column layers, conv last), ``full`` (dense causal in every
   layer), ``row`` or ``column`` (that mask in every layer); the attention itself skips
   what the mask removes, so its cost falls with the mask.
@@ -48,6 +50,14 @@ PEAK_FLOPS = {
     ("NVIDIA H200", "float32"): 67e12,
     ("TPU v4", "bfloat16"): 275e12,
     ("TPU v5 lite", "bfloat16"): 197e12,
+}
+# HBM bandwidth (bytes/s) by device kind: batch-1 sampling reads every weight once per
+# token, so weight bytes / bandwidth is the fastest a token can be drawn.
+HBM_BYTES_PER_S = {
+    "NVIDIA H100 80GB HBM3": 3.35e12,
+    "NVIDIA H200": 4.8e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 8.19e11,
 }
 PATTERNS = {"paper": "paper", "full": "dense", "row": "row", "column": "column"}
 
@@ -163,6 +173,9 @@ def bench_train(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
     peak = PEAK_FLOPS.get((jax.devices()[0].device_kind, a.dtype))
     if peak:
         out["mfu"] = round(flops / step_s / (peak * jax.device_count()), 4)
+    mem = loop.memory_report(compiled)
+    if mem:
+        out["train_peak_gib"] = round(mem["peak_bytes"] / 2**30, 2)
     return out
 
 
@@ -173,6 +186,9 @@ def bench_sampling(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
         jax.random.key(0)))["params"]
     # Random heads, so the samples are not all the same token.
     params["image_head"] = jax.random.normal(jax.random.key(1), params["image_head"].shape) * 0.02
+    # Weights stored in the compute dtype, as a bfloat16 export would be.
+    params = jax.tree.map(lambda x: x.astype(a.dtype), params)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     top_k = max(1, int(round(0.1 * mcfg.image_vocab)))  # the peer's filter_thres=0.9
     sample = jax.jit(functools.partial(smp.sample_tokens, config=mcfg,
                                        sampling=smp.SamplingConfig(top_k=top_k)))
@@ -192,10 +208,18 @@ def bench_sampling(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
     run()
     compile_s = time.perf_counter() - t0
     s = statistics.median(_times(run, a.samples, 0))
-    return {"sample_batch": a.sample_batch, "sample_s": round(s, 4),
-            "sample_s_per_image": round(s / a.sample_batch, 4),
-            "sample_image_tokens_per_s": round(a.sample_batch * mcfg.image_len / s, 1),
-            "sample_compile_s": round(compile_s, 1)}
+    out = {"sample_batch": a.sample_batch, "sample_s": round(s, 4),
+           "sample_s_per_image": round(s / a.sample_batch, 4),
+           "sample_image_tokens_per_s": round(a.sample_batch * mcfg.image_len / s, 1),
+           "sample_compile_s": round(compile_s, 1), "sample_weight_bytes": int(weight_bytes)}
+    bandwidth = HBM_BYTES_PER_S.get(jax.devices()[0].device_kind)
+    if bandwidth:
+        # Time per sampling step (one image token for each sequence) against reading every
+        # weight once (the dVAE decode is included in `s`, so this is an upper bound).
+        bound = weight_bytes / bandwidth
+        out["sample_weight_bound_s_per_token"] = bound
+        out["sample_vs_weight_bound"] = round(s / mcfg.image_len / bound, 2)
+    return out
 
 
 def main(argv=None) -> dict:

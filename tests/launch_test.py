@@ -1,5 +1,5 @@
 """The launch scripts: the command lines and environment each produces (dry runs), and
-shellcheck over all of them."""
+shellcheck over them and the benchmark scripts."""
 
 import os
 import shlex
@@ -11,8 +11,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
-SCRIPTS = sorted(os.path.join(LAUNCH, f) for f in os.listdir(LAUNCH)
-                 if f.endswith((".sh", ".sbatch")))
+SCRIPTS = sorted(os.path.join(d, f) for d in (LAUNCH, os.path.join(ROOT, "bench"))
+                 for f in os.listdir(d) if f.endswith((".sh", ".sbatch")))
 CACHE = "/shared/jax-cache"
 
 
