@@ -25,20 +25,25 @@ from etils import epath
 ITEMS = ("state", "data", "meta")
 
 
-def diff_dicts(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """Human-readable differences between two nested dicts (for mismatch errors)."""
+def diff_dicts(saved: Any, current: Any, prefix: str = "", *,
+               names: tuple[str, str] = ("checkpoint", "this run")) -> list[str]:
+    """Human-readable differences between two nested dicts (for mismatch errors).
+
+    ``names`` are what the two sides are called in the messages (saved, current).
+    """
+    old, new = names
     out = []
     if isinstance(saved, dict) and isinstance(current, dict):
         for k in sorted(set(saved) | set(current)):
             p = f"{prefix}{k}"
             if k not in saved:
-                out.append(f"{p}: missing in checkpoint, now {current[k]!r}")
+                out.append(f"{p}: missing in {old}, now {current[k]!r}")
             elif k not in current:
-                out.append(f"{p}: {saved[k]!r} in checkpoint, not in this run")
+                out.append(f"{p}: {saved[k]!r} in {old}, not in {new}")
             else:
-                out.extend(diff_dicts(saved[k], current[k], p + "."))
+                out.extend(diff_dicts(saved[k], current[k], p + ".", names=names))
     elif _norm(saved) != _norm(current):
-        out.append(f"{prefix.rstrip('.')}: checkpoint has {saved!r}, this run has {current!r}")
+        out.append(f"{prefix.rstrip('.')}: {old} has {saved!r}, {new} has {current!r}")
     return out
 
 

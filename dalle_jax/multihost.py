@@ -77,11 +77,6 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
     return True
 
 
-def is_distributed() -> bool:
-    """Whether `initialize` connected this process to a coordinator."""
-    return _distributed
-
-
 def _broadcast_text(text: str) -> str:
     """Process 0's ``text`` on every process."""
     data = text.encode() if jax.process_index() == 0 else b""
@@ -107,10 +102,8 @@ def check_same_config(config_json: str) -> None:
     from dalle_jax.checkpoint import diff_dicts
 
     reference = json.loads(_broadcast_text(config_json))
-    mine = diff_dicts(reference, json.loads(config_json))
-    detail = ("this process's config differs from process 0's:\n  "
-              + "\n  ".join(d.replace("checkpoint has", "process 0 has")
-                            .replace("this run has", "this process has") for d in mine)
+    mine = diff_dicts(reference, json.loads(config_json), names=("process 0", "this process"))
+    detail = ("this process's config differs from process 0's:\n  " + "\n  ".join(mine)
               if mine else "see the logs of those processes for the differing fields")
     raise ValueError(f"processes {differing} run a config that differs from process 0's; "
                      f"{detail}")

@@ -51,6 +51,29 @@ STATE_ROWS = ("params", "gradients", "adam moments", "ema", "grad scales",
               "grad accumulation", "optimizer counters")
 
 
+def _fits(total: int, device: int, margin: float) -> bool:
+    return total <= margin * device
+
+
+def _verdict(total: int, device: int, margin: float) -> list[str]:
+    """The closing lines of a plan's table: total, device memory, fits or not."""
+    return [f"  {'total':<40}{total / GiB:>10.3f}",
+            f"  {'device memory':<40}{device / GiB:>10.3f}", "",
+            ("fits" if _fits(total, device, margin) else "DOES NOT FIT")
+            + f" ({total / device:.0%} of the device; the planner asks for at most "
+              f"{margin:.0%})"]
+
+
+def _describe(mcfg: tfm.TransformerConfig) -> str:
+    return (f"transformer (width {mcfg.width}, depth {mcfg.depth}, {mcfg.heads} heads, "
+            f"{mcfg.text_len} + {mcfg.grid}x{mcfg.grid} slots)")
+
+
+def _mesh_degrees(cfg, num_devices: int) -> dict[str, int]:
+    """The config's mesh resolved for ``num_devices`` (which need not exist)."""
+    return dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, num_devices)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Per-device bytes of a training configuration on a mesh."""
@@ -83,7 +106,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.margin * self.device_bytes
+        return _fits(self.total_bytes, self.device_bytes, self.margin)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -108,15 +131,7 @@ class Plan:
                 continue
             label = name if name in self.state else f"activations: {name}"
             lines.append(f"  {label:<40}{b / GiB:>10.3f}")
-        lines += [
-            f"  {'total':<40}{self.total_bytes / GiB:>10.3f}",
-            f"  {'device memory':<40}{self.device_bytes / GiB:>10.3f}",
-            "",
-            ("fits" if self.fits else "DOES NOT FIT")
-            + f" ({self.total_bytes / self.device_bytes:.0%} of the device; "
-              f"the planner asks for at most {self.margin:.0%})",
-        ]
-        return "\n".join(lines)
+        return "\n".join(lines + _verdict(self.total_bytes, self.device_bytes, self.margin))
 
 
 # ----------------------------------------------------------------------------- state
@@ -255,8 +270,7 @@ def dvae_activations(dvae_config, microbatch: int, mesh_shape: dict[str, int],
 
 
 def _mesh_and_batch(cfg, num_devices: int) -> tuple[dict[str, int], Any, int, int]:
-    dims = sharding.mesh_shape(cfg.mesh, num_devices)
-    mesh_shape = dict(zip(sharding.MESH_AXES, dims))
+    mesh_shape = _mesh_degrees(cfg, num_devices)
     rules = sharding.get_rules(cfg.sharding_rules)
     shards = sharding.batch_shards(mesh_shape, rules)
     global_batch = int(cfg.data.global_batch_size)
@@ -311,8 +325,7 @@ def plan_config(cfg, num_devices: int, device_memory_gib: float, *,
 
         mcfg = _transformer_config(cfg, workdir)
         task = lm_task.model_task(mcfg, {})
-        what = (f"transformer (width {mcfg.width}, depth {mcfg.depth}, {mcfg.heads} heads, "
-                f"{mcfg.text_len} + {mcfg.grid}x{mcfg.grid} slots)")
+        what = _describe(mcfg)
         remat = mcfg.remat
         acts = functools.partial(transformer_activations, mcfg)
     else:
@@ -400,7 +413,7 @@ class SamplingPlan:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.margin * self.device_bytes
+        return _fits(self.total_bytes, self.device_bytes, self.margin)
 
     def to_dict(self) -> dict:
         return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits)
@@ -414,12 +427,7 @@ class SamplingPlan:
                  f"{self.batch} sequences per call ({self.per_device_batch} per batch shard)",
                  "", f"{'per device':<42}{'GiB':>10}"]
         lines += [f"  {name:<40}{b / GiB:>10.3f}" for name, b in self.rows.items()]
-        lines += [f"  {'total':<40}{self.total_bytes / GiB:>10.3f}",
-                  f"  {'device memory':<40}{self.device_bytes / GiB:>10.3f}", "",
-                  ("fits" if self.fits else "DOES NOT FIT")
-                  + f" ({self.total_bytes / self.device_bytes:.0%} of the device; "
-                    f"the planner asks for at most {self.margin:.0%})"]
-        return "\n".join(lines)
+        return "\n".join(lines + _verdict(self.total_bytes, self.device_bytes, self.margin))
 
 
 def sampling_plan(mcfg: tfm.TransformerConfig, mesh_shape: dict[str, int], rules, batch: int,
@@ -474,9 +482,7 @@ def sampling_plan(mcfg: tfm.TransformerConfig, mesh_shape: dict[str, int], rules
             "gathered embeddings and head": int(fsdp_other),
             "mask table": int(np.asarray(masks).nbytes), "working set": int(prefill + step_logits)}
     num_params = sum(math.prod(r.shape) for r in leaves)
-    what = (f"transformer (width {mcfg.width}, depth {mcfg.depth}, {mcfg.heads} heads, "
-            f"{mcfg.text_len} + {mcfg.grid}x{mcfg.grid} slots)")
-    return SamplingPlan(what=what, mesh=dict(mesh_shape), rules=rules_name, param_dtype=param_dtype,
+    return SamplingPlan(what=_describe(mcfg), mesh=dict(mesh_shape), rules=rules_name, param_dtype=param_dtype,
                         compute_dtype=str(mcfg.dtype), batch=batch, per_device_batch=b,
                         num_params=int(num_params), rows=rows,
                         device_bytes=int(device_memory_gib * GiB), margin=margin)
@@ -487,8 +493,7 @@ def sampling_plan_config(cfg, num_devices: int, device_memory_gib: float, *,
                          param_dtype: str = "float32") -> SamplingPlan:
     """`sampling_plan` of a stage-2 config: its model, mesh and rules, ``sample.batch_size``
     sequences per call (rounded up to the batch shards, as the sampler does)."""
-    dims = sharding.mesh_shape(cfg.mesh, num_devices)
-    mesh_shape = dict(zip(sharding.MESH_AXES, dims))
+    mesh_shape = _mesh_degrees(cfg, num_devices)
     rules = sharding.get_rules(cfg.sharding_rules)
     shards = sharding.batch_shards(mesh_shape, rules)
     batch = -(-int(cfg.sample.batch_size) // shards) * shards

@@ -88,11 +88,12 @@ def train_rows(workdir) -> int:
         return sum('"train/loss"' in line for line in f)
 
 
-def lm_args(token_dir, tokenizer, steps=6, total=None, extra=()):
-    """The tiny stage-2 run of train_lm_test, as command-line flags."""
+def lm_args(tokens, bpe, steps=6, total=None, extra=()):
+    """The tiny stage-2 run of train_lm_test (its token directory and BPE model), as
+    command-line flags."""
     return ["--job=train",
-            f"--config={ROOT}/configs/dalle_shapes.py:steps={steps},batch=8,tokens={token_dir}",
-            "--config.text.text_len=8", f"--config.text.bpe_model={tokenizer.path}",
+            f"--config={ROOT}/configs/dalle_shapes.py:steps={steps},batch=8,tokens={tokens}",
+            "--config.text.text_len=8", f"--config.text.bpe_model={bpe.path}",
             "--config.text.vocab_size=300", "--config.model.width=32", "--config.model.depth=2",
             "--config.model.heads=2", "--config.model.conv_kernel=3", "--config.eval_every=3",
             "--config.evals.val.num_batches=2", "--config.ckpt.every_steps=100",
@@ -255,8 +256,8 @@ def test_processes_with_different_configs_stop_at_start(token_dir, tokenizer,  #
     assert not os.path.exists(os.path.join(work, "checkpoints"))
 
 
-def test_sampling_is_the_same_on_one_device_a_mesh_and_two_processes(  # noqa: F811
-        token_dir, tokenizer, dvae_export, tmp_path):
+def test_sampling_is_the_same_on_one_device_a_mesh_and_two_processes(
+        token_dir, tokenizer, dvae_export, tmp_path):  # noqa: F811
     model = str(tmp_path / "model")
     run(lm_args(token_dir, tokenizer), model)
     sample = ["--job=sample", f"--config.sample.params={model}/exports/step_0000006",

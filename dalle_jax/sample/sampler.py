@@ -243,23 +243,26 @@ def sample_tokens(params: PyTree, text_BT: jax.Array, sample_ids_B: jax.Array, k
 # ----------------------------------------------------------------------------- convenience
 
 
+def _abstract_boxed(config: tfm.TransformerConfig) -> PyTree:
+    return jax.eval_shape(functools.partial(tfm.init_variables, config),
+                          jax.random.key(0))["params"]
+
+
 def param_shardings(config: tfm.TransformerConfig, mesh, rules) -> PyTree:
     """Where each transformer parameter lives on ``mesh`` under the logical-axis ``rules``
     (the training layout), computed without allocating anything."""
-    abstract = jax.eval_shape(functools.partial(tfm.init_variables, config),
-                              jax.random.key(0))["params"]
-    return sharding.tree_shardings(abstract, mesh, rules)
+    return sharding.tree_shardings(_abstract_boxed(config), mesh, rules)
 
 
 def abstract_params(config: tfm.TransformerConfig, mesh=None, rules=None) -> PyTree:
     """``ShapeDtypeStruct``s of the parameters, with their shardings when ``mesh`` is given
     (restore targets: each process reads only its shards of an export)."""
-    shapes = sharding.unboxed(jax.eval_shape(functools.partial(tfm.init_variables, config),
-                                             jax.random.key(0))["params"])
+    boxed = _abstract_boxed(config)
+    shapes = sharding.unboxed(boxed)
     if mesh is None:
         return shapes
     return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        shapes, param_shardings(config, mesh, rules))
+                        shapes, sharding.tree_shardings(boxed, mesh, rules))
 
 
 def compile_sampler(config: tfm.TransformerConfig, mesh, rules, batch: int, *,
