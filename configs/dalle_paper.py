@@ -64,7 +64,8 @@ def get_config(arg=None):
     c.eval_every = 5_000
     c.data = dict(tokens_dir=arg.tokens, train_split="train", eval_split="validation",
                   global_batch_size=arg.batch, seed=0, worker_count=8)
-    c.text = dict(vocab_size=16384, text_len=256, dropout=0.1, bpe_model="")
+    # caption_dropout 0: the paper trains no unconditional model (no guidance).
+    c.text = dict(vocab_size=16384, text_len=256, dropout=0.1, bpe_model="", caption_dropout=0.0)
     c.model = dict(width=3968, depth=64, heads=62, mlp_ratio=4, dropout=0.0,
                    attention="structured", attn_pattern="paper", conv_kernel=11,
                    conv_kind="raster", remat="full", scan_layers=True, loss_text_weight=1 / 8)
@@ -82,7 +83,7 @@ def get_config(arg=None):
     # the tokens. The paper draws 512 candidates per caption at temperature 1 and reranks.
     c.sample = dict(params="", dvae_params="", captions=("a painting of a fox sitting in a field",),
                     num_candidates=8, seed=0, temperature=1.0, top_k=0, top_p=1.0,
-                    batch_size=8, eval_captions=0, eval_splits="validation")
+                    guidance=1.0, batch_size=8, eval_captions=0, eval_splits="validation")
     if arg.runlocal:
         c.total_steps = 4
         c.eval_every = 4

@@ -90,7 +90,10 @@ def get_config(arg=None):
     c.data = dict(tokens_dir=arg.tokens, train_split="train", eval_split="validation",
                   global_batch_size=arg.batch or v["batch"], seed=0, worker_count=0)
     # bpe_model "": WORKDIR/bpe.model, written by --job=train_bpe.
-    c.text = dict(vocab_size=512, text_len=16, dropout=0.0, bpe_model="")
+    # caption_dropout: a tenth of the captions are dropped (the empty caption's slots), so
+    # the model also learns the unconditional image distribution that classifier-free
+    # guidance (sample.guidance) contrasts with the captioned one.
+    c.text = dict(vocab_size=512, text_len=16, dropout=0.0, bpe_model="", caption_dropout=0.1)
     c.model = dict(width=v["width"], depth=v["depth"], heads=v["heads"], mlp_ratio=4, dropout=0.0,
                    init_scale=1.0, attention="structured",
                    attn_pattern="paper", conv_kernel=11, conv_kind="raster", remat="none",
@@ -108,6 +111,7 @@ def get_config(arg=None):
     # params / dvae_params "": the newest export of WORKDIR / of the dVAE run that wrote
     # the tokens (the directory above data.tokens_dir).
     c.sample = dict(params="", dvae_params="", captions=DEMO_CAPTIONS, num_candidates=8, seed=0,
-                    temperature=0.7, top_k=0, top_p=1.0, batch_size=64, eval_captions=200,
+                    temperature=0.7, top_k=0, top_p=1.0, guidance=1.0, batch_size=64,
+                    eval_captions=200,
                     eval_splits="validation,test_compositional")
     return c

@@ -262,7 +262,8 @@ def _load_sampler(cfg, workdir: str, export: str, dvae_dir: str):
 
     s = cfg.sample
     sampling = sampler_lib.SamplingConfig(temperature=float(s.temperature), top_k=int(s.top_k),
-                                          top_p=float(s.top_p))
+                                          top_p=float(s.top_p),
+                                          guidance=float(s.get("guidance", 1.0)))
     logging.info("sampling from %s with dVAE %s", export, dvae_dir)
     from dalle_jax import sharding
 

@@ -492,11 +492,15 @@ def sampling_plan_config(cfg, num_devices: int, device_memory_gib: float, *,
                          workdir: str | None = None, margin: float = 0.9,
                          param_dtype: str = "float32") -> SamplingPlan:
     """`sampling_plan` of a stage-2 config: its model, mesh and rules, ``sample.batch_size``
-    sequences per call (rounded up to the batch shards, as the sampler does)."""
+    sequences per call (rounded up to the batch shards, as the sampler does), twice that
+    with classifier-free guidance (``sample.guidance != 1``: every sequence runs with an
+    unconditional twin)."""
     mesh_shape = _mesh_degrees(cfg, num_devices)
     rules = sharding.get_rules(cfg.sharding_rules)
     shards = sharding.batch_shards(mesh_shape, rules)
     batch = -(-int(cfg.sample.batch_size) // shards) * shards
+    if float(cfg.sample.get("guidance", 1.0)) != 1.0:
+        batch *= 2
     mcfg = dataclasses.replace(_transformer_config(cfg, workdir),
                                dtype=str(cfg.precision.compute_dtype))
     return sampling_plan(mcfg, mesh_shape, rules, batch, param_dtype=param_dtype,

@@ -138,6 +138,7 @@ def test_sampled_tokens_follow_the_filter():
     (dict(top_k=-1), "top_k"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
+    (dict(guidance=-0.5), "guidance"),
 ])
 def test_sampling_config_rejects_bad_values(kw, err):
     with pytest.raises(ValueError, match=err):
@@ -163,7 +164,8 @@ class _FakeTextTokenizer:
     def encode_batch_slots(self, captions, *, text_len):
         out = np.tile(np.arange(12, 12 + text_len, dtype=np.int32), (len(captions), 1))
         out[:, 0] = 0
-        out[:, 1] = [int(c[1:]) for c in captions]
+        # The empty caption (the unconditional text of guidance) keeps its pad in slot 1.
+        out[:, 1] = [int(c[1:]) if c else 13 for c in captions]
         return out, {}
 
 
@@ -181,6 +183,82 @@ def test_sampler_batches_pad_and_number_samples_globally():
         s.images(a)
     with pytest.raises(ValueError, match="num_candidates"):
         s.tokens(caps, num_candidates=0)
+
+
+def test_candidate_ranges_draw_the_same_tokens_as_the_full_draw():
+    s = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer())
+    caps = ["c1", "c2", "c3"]
+    full = s.tokens(caps, num_candidates=5, seed=4, batch_size=4)
+    drawn = []
+    parts = [s.tokens(caps, num_candidates=5, seed=4, batch_size=4, candidates=r,
+                      progress=drawn.append) for r in [(0, 2), (2, 3), (3, 5)]]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), full)
+    assert sum(drawn) == 3 * 5
+    for bad in [(0, 0), (3, 6), (-1, 2)]:
+        with pytest.raises(ValueError, match="candidates must be a range"):
+            s.tokens(caps, num_candidates=5, candidates=bad)
+    with pytest.raises(ValueError, match="no captions"):
+        s.tokens([], num_candidates=2)
+
+
+def _null_text(config):
+    return _FakeTextTokenizer().encode_batch_slots([""], text_len=config.text_len)[0][0]
+
+
+def test_guidance_zero_samples_the_unconditional_model():
+    # u + 0 * (c - u) == u exactly: guided sampling at scale 0 draws what plain sampling
+    # of the empty caption draws, so the twin rows, their cache and their pairing are right.
+    text, _ = _batch(TINY, batch=3, seed=7)
+    ids = np.arange(3, dtype=np.int32)
+    null = _null_text(TINY)
+    fn = jax.jit(functools.partial(smp.sample_tokens, config=TINY,
+                                   sampling=smp.SamplingConfig(guidance=0.0)))
+    guided = np.asarray(fn(_params(TINY), text, ids, jax.random.key(3), None, null))
+    plain = _sample(TINY, np.tile(null, (3, 1)), ids, key=3)
+    np.testing.assert_array_equal(guided, plain)
+    assert not np.array_equal(plain, _sample(TINY, text, ids, key=3))
+
+
+class _AlwaysTwin(smp.SamplingConfig):
+    """Runs the guided program even at scale 1 (to test its arithmetic)."""
+
+    @property
+    def guided(self):
+        return True
+
+
+def test_guidance_one_is_unguided_sampling():
+    text, _ = _batch(TINY, batch=4, seed=8)
+    ids = np.arange(4, dtype=np.int32)
+    null = _null_text(TINY)
+    # Scale 1 runs the plain program: the same tokens bit for bit, at any temperature.
+    s1 = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer(),
+                     sampling=smp.SamplingConfig(guidance=1.0))
+    s0 = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer())
+    np.testing.assert_array_equal(s1.tokens(["c1", "c2"], num_candidates=3, seed=1),
+                                  s0.tokens(["c1", "c2"], num_candidates=3, seed=1))
+    # And the guided program itself reduces to it: u + 1 * (c - u) == c (greedy, so float
+    # rounding of the difference cannot flip a draw).
+    fn = jax.jit(functools.partial(smp.sample_tokens, config=TINY,
+                                   sampling=_AlwaysTwin(top_k=1)))
+    twin = np.asarray(fn(_params(TINY), text, ids, jax.random.key(0), None, null))
+    np.testing.assert_array_equal(twin, _sample(TINY, text, ids, top_k=1))
+
+
+def test_guided_sampling_is_the_same_on_a_mesh_and_follows_the_scale():
+    from dalle_jax import sharding
+
+    caps = ["c1", "c2", "c3"]
+    g = smp.SamplingConfig(guidance=3.0)
+    one = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer(), sampling=g)
+    want = one.tokens(caps, num_candidates=3, seed=2, batch_size=4)
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:8])
+    s = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer(), sampling=g, mesh=mesh,
+                    rules="dp")
+    np.testing.assert_array_equal(s.tokens(caps, num_candidates=3, seed=2, batch_size=4), want)
+    plain = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer()).tokens(
+        caps, num_candidates=3, seed=2, batch_size=4)
+    assert not np.array_equal(want, plain)
 
 
 def test_sampler_completes_images_from_kept_rows():

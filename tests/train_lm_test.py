@@ -172,6 +172,41 @@ def test_train_resume_export_and_refuse_other_width(token_dir, tokenizer, tmp_pa
         jobs.train(cfg, resumed)
 
 
+def test_caption_dropout_trains_on_the_empty_caption(token_dir, tokenizer):
+    from dalle_jax import sharding
+
+    cfg = _cfg(token_dir, tokenizer)
+    cfg.evals.val.num_batches = 0
+    cfg.text.caption_dropout = 0.5
+    task = lm_task.make_task(cfg, "", tokenizer)
+    cfg.text.caption_dropout = 0.0
+    plain = lm_task.make_task(cfg, "", tokenizer)
+    params = sharding.unboxed(task.init_variables(jax.random.key(0)))["params"]
+    # Noise on every leaf: the fresh zero heads would make the loss ignore the text.
+    noise = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: a + 0.1 * noise.standard_normal(a.shape, np.float32), params)
+    it = text_pipeline.make_input(cfg.data, cfg.text, tokenizer, "train", train=True)
+    batch = task.device_batch(next(it))
+    it.close()
+    rng = jax.random.key(3)
+    # Which rows are dropped comes from the step's rng; those rows carry the empty
+    # caption's slots [BOS, pads...], the others their caption.
+    drop = np.asarray(jax.random.bernoulli(jax.random.fold_in(rng, 1), 0.5,
+                                           (len(batch["text_tokens"]),)))
+    assert 0 < drop.sum() < len(drop)
+    null = tokenizer.encode_slots("", text_len=TEXT_LEN)[0]
+    np.testing.assert_array_equal(null[1:], tokenizer.pad_ids(TEXT_LEN)[1:])
+    dropped = dict(batch, text_tokens=np.where(drop[:, None], null[None], batch["text_tokens"]))
+    got, _ = task.loss_fn(params, batch, rng, 0)
+    want, _ = plain.loss_fn(params, dropped, rng, 0)
+    undropped, _ = plain.loss_fn(params, batch, rng, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not np.allclose(got, undropped)
+    cfg.text.caption_dropout = 1.0
+    with pytest.raises(ValueError, match="caption_dropout"):
+        lm_task.make_task(cfg, "", tokenizer)
+
+
 def test_train_bpe_job_writes_once(token_dir, tmp_path):
     cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_shapes.py")
                                 + f":tokens={token_dir}")

@@ -15,9 +15,19 @@ sample's *global* index (prompt index times candidates plus candidate, see
 function of (caption, seed, sample index): it does not change with the batch size, the
 number of devices or the other prompts in the batch.
 
-Filtering (applied to the image logits of each step, in this order): ``temperature``
-(divides the logits), ``top_k`` (keep the k largest, 0 = off) and ``top_p`` (nucleus:
-keep the smallest set of largest-probability tokens whose mass reaches p, 1 = off).
+Classifier-free guidance (not in the paper; ``SamplingConfig.guidance``): a model trained
+with caption dropout (``text.caption_dropout``: a dropped caption becomes the empty
+caption's slots, ``[BOS, pad_1, ..., pad_{T-1}]``) also models images without a caption.
+With guidance ``s != 1`` every sequence runs next to an unconditional twin, both in one
+batch of ``2B`` rows that share the same cached program, and each step samples from
+``uncond + s * (cond - uncond)`` of the two rows' image logits; the drawn token is fed to
+both rows. ``s = 1`` is plain conditional sampling (the twin is not even run, so the
+images are bitwise those of unguided sampling); ``s = 0`` ignores the caption.
+
+Filtering (applied to the (guided) image logits of each step, in this order):
+``temperature`` (divides the logits), ``top_k`` (keep the k largest, 0 = off) and
+``top_p`` (nucleus: keep the smallest set of largest-probability tokens whose mass
+reaches p, 1 = off).
 
 Image completion (paper §3.1, Fig. 2 bottom row): ``prefix_BP`` fixes the first ``P``
 image tokens (e.g. the top 15 of 32 rows of a real image's tokens, ``P = 15 * 32``);
@@ -36,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -61,11 +71,15 @@ class SamplingConfig:
         top_k: keep only the k most likely tokens (0 keeps all).
         top_p: keep the smallest set of most likely tokens with total probability >= p
             (1.0 keeps all).
+        guidance: classifier-free guidance scale ``s`` (>= 0): image logits
+            ``uncond + s * (cond - uncond)``. 1 is unguided sampling; values above 1 follow
+            the caption more closely. Needs a model trained with caption dropout.
     """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    guidance: float = 1.0
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -74,6 +88,13 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.guidance >= 0:
+            raise ValueError(f"guidance scale must be >= 0 (1 = unguided), got {self.guidance}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether sampling runs an unconditional twin of every sequence."""
+        return self.guidance != 1.0
 
 
 def filter_logits(logits_BC: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -193,7 +214,8 @@ def _check_inputs(config: tfm.TransformerConfig, text_BT: jax.Array, sample_ids_
 
 
 def sample_tokens(params: PyTree, text_BT: jax.Array, sample_ids_B: jax.Array, key: jax.Array,
-                  prefix_BP: jax.Array | None = None, *, config: tfm.TransformerConfig,
+                  prefix_BP: jax.Array | None = None, null_text_T: jax.Array | None = None, *,
+                  config: tfm.TransformerConfig,
                   sampling: SamplingConfig = SamplingConfig()) -> jax.Array:
     """Image tokens ``(B, I)`` for text slots ``(B, T)``; jittable (config and sampling static).
 
@@ -203,6 +225,8 @@ def sample_tokens(params: PyTree, text_BT: jax.Array, sample_ids_B: jax.Array, k
         sample_ids_B: global sample index of each row (its RNG stream, see module doc).
         key: the base PRNG key (the run's seed).
         prefix_BP: optional first ``P`` image tokens to keep (image completion).
+        null_text_T: the unconditional text slots (the empty caption's), needed when
+            ``sampling.guided``.
     """
     b = text_BT.shape[0]
     if prefix_BP is None:
@@ -211,11 +235,24 @@ def sample_tokens(params: PyTree, text_BT: jax.Array, sample_ids_B: jax.Array, k
     t, n_img, n_keep = config.text_len, config.image_len, prefix_BP.shape[1]
     if n_keep == n_img:
         return prefix_BP.astype(jnp.int32)
+    guided = sampling.guided
+    if guided:
+        if null_text_T is None or null_text_T.shape != (t,):
+            raise ValueError(f"guided sampling needs the unconditional text slots "
+                             f"null_text_T of shape ({t},)")
+        # Row 2i is sequence i, row 2i+1 its unconditional twin: interleaved so that a
+        # batch-sharded mesh keeps each pair on one device (the guidance step needs no
+        # communication).
+        null_BT = jnp.broadcast_to(null_text_T.astype(text_BT.dtype), text_BT.shape)
+        text_BT = jnp.stack([text_BT, null_BT], axis=1).reshape(2 * b, t)
+        prefix_BP = jnp.repeat(prefix_BP, 2, axis=0)
+    rows = text_BT.shape[0]
 
     sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(sample_ids_B)
-    cache = init_cache(config, b)
+    cache = init_cache(config, rows)
     _, cache = forward_cached(params, config, prefix_embeddings(params, config, text_BT,
                                                                 prefix_BP), 0, cache)
+    prefix_BP = prefix_BP[::2] if guided else prefix_BP
     tokens_BI = jnp.zeros((b, n_img), jnp.int32)
     tokens_BI = jax.lax.dynamic_update_slice_in_dim(tokens_BI, prefix_BP.astype(jnp.int32),
                                                     0, axis=1)
@@ -227,10 +264,17 @@ def sample_tokens(params: PyTree, text_BT: jax.Array, sample_ids_B: jax.Array, k
         prev_B = jax.lax.dynamic_index_in_dim(tokens_BI, jnp.maximum(k - 1, 0), axis=1,
                                               keepdims=False)
         in_B = jnp.where(k == 0, config.boi_id, prev_B)
+        if guided:
+            in_B = jnp.repeat(in_B, 2)
         x_B1D = (jnp.take(params["image_embed"], in_B, axis=0)
                  + jax.lax.dynamic_index_in_dim(pos_ID, k, axis=0, keepdims=False))[:, None]
         h_B1D, cache = forward_cached(params, config, x_B1D, t + k, cache)
-        logits_BC = filter_logits(image_logits(params, config, h_B1D)[:, 0], sampling)
+        logits_BC = image_logits(params, config, h_B1D)[:, 0]
+        if guided:
+            pairs_B2C = logits_BC.reshape(b, 2, -1)
+            cond_BC, uncond_BC = pairs_B2C[:, 0], pairs_B2C[:, 1]
+            logits_BC = uncond_BC + sampling.guidance * (cond_BC - uncond_BC)
+        logits_BC = filter_logits(logits_BC, sampling)
         step_keys = jax.vmap(lambda sk: jax.random.fold_in(sk, k))(sample_keys)
         z_B = jax.vmap(jax.random.categorical)(step_keys, logits_BC).astype(jnp.int32)
         tokens_BI = jax.lax.dynamic_update_index_in_dim(tokens_BI, z_B, k, axis=1)
@@ -279,7 +323,9 @@ def compile_sampler(config: tfm.TransformerConfig, mesh, rules, batch: int, *,
     ids = NamedSharding(mesh, sharding.batch_spec(mesh, rules, 1))
     args = (params, jax.ShapeDtypeStruct((batch, config.text_len), jnp.int32, sharding=rows),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=ids), jax.random.key(0),
-            jax.ShapeDtypeStruct((batch, prefix_len), jnp.int32, sharding=rows))
+            jax.ShapeDtypeStruct((batch, prefix_len), jnp.int32, sharding=rows),
+            jax.ShapeDtypeStruct((config.text_len,), jnp.int32,
+                                 sharding=sharding.replicated(mesh)))
     fn = jax.jit(functools.partial(sample_tokens, config=config, sampling=sampling),
                  out_shardings=rows)
     with sharding.activation_rules(mesh, rules):
@@ -319,6 +365,10 @@ class Sampler:
             raise ValueError(
                 f"dVAE ({image_tokenizer.vocab_size} codes, grid {image_tokenizer.grid}) does "
                 f"not match the transformer (image_vocab={config.image_vocab}, grid={config.grid})")
+        # The empty caption's slots: the text of the unconditional rows of guided sampling
+        # (what caption dropout trains the model on).
+        self.null_text = np.asarray(text_tokenizer.encode_batch_slots(
+            [""], text_len=config.text_len)[0][0], np.int32)
         fn = functools.partial(sample_tokens, config=config, sampling=sampling)
         self.mesh = mesh
         if mesh is None:
@@ -337,13 +387,14 @@ class Sampler:
         ids = NamedSharding(mesh, sharding.batch_spec(mesh, self.rules, 1))
         self._rows, self._ids = rows, ids
         self.batch_shards = sharding.batch_shards(dict(mesh.shape), self.rules)
-        jitted = jax.jit(fn, in_shardings=(param_sh, rows, ids, sharding.replicated(mesh), rows),
+        rep = sharding.replicated(mesh)
+        jitted = jax.jit(fn, in_shardings=(param_sh, rows, ids, rep, rows, rep),
                          out_shardings=rows)
 
-        def run(params, text, ids_, key, prefix):
+        def run(params, text, ids_, key, prefix, null_text):
             # Traced under the rules, so the model's activation constraints apply.
             with sharding.activation_rules(mesh, self.rules):
-                return jitted(params, text, ids_, key, prefix)
+                return jitted(params, text, ids_, key, prefix, null_text)
 
         self._sample = run
 
@@ -395,47 +446,67 @@ class Sampler:
 
     def tokens(self, captions: Sequence[str], *, num_candidates: int = 1, seed: int = 0,
                batch_size: int = 64, prefix: np.ndarray | None = None,
-               first_sample_index: int = 0) -> np.ndarray:
+               first_sample_index: int = 0, candidates: tuple[int, int] | None = None,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Image tokens ``(len(captions), num_candidates, G, G)``.
 
         Candidate ``j`` of caption ``i`` is global sample ``first_sample_index + i *
         num_candidates + j``; its tokens do not depend on ``batch_size``. ``prefix``
         (``(len(captions), P)`` tokens) keeps each caption's first ``P`` image tokens.
+        ``candidates=(lo, hi)`` draws only candidates ``lo .. hi-1`` of every caption (the
+        same tokens as in the full draw), returning ``(len(captions), hi - lo, G, G)``:
+        best-of-N reranking streams the N candidates in such chunks. ``progress(n)`` is
+        called after each batch with the number of sequences it drew.
         """
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(captions)
-        text_NT = np.repeat(self.encode_captions(captions), num_candidates, axis=0)
-        ids_N = first_sample_index + np.arange(n * num_candidates, dtype=np.int32)
+        lo, hi = (0, num_candidates) if candidates is None else candidates
+        if not 0 <= lo < hi <= num_candidates:
+            raise ValueError(f"candidates must be a range (lo, hi) with 0 <= lo < hi <= "
+                             f"num_candidates={num_candidates}, got {candidates}")
+        n, c = len(captions), hi - lo
+        if n == 0:
+            raise ValueError("no captions to sample for")
+        text_NT = np.repeat(self.encode_captions(captions), c, axis=0)
+        ids_N = (first_sample_index + np.arange(n, dtype=np.int64)[:, None] * num_candidates
+                 + np.arange(lo, hi)[None, :]).reshape(-1)
+        if ids_N.max() >= 2**31:
+            raise ValueError("global sample indices must stay below 2**31")
+        ids_N = ids_N.astype(np.int32)
         if prefix is None:
-            prefix_NP = np.zeros((n * num_candidates, 0), np.int32)
+            prefix_NP = np.zeros((n * c, 0), np.int32)
         else:
             prefix = np.asarray(prefix)
             if prefix.ndim != 2 or prefix.shape[0] != n:
                 raise ValueError(f"prefix must be (num_captions={n}, P), got {prefix.shape}")
             if prefix.size and (prefix.min() < 0 or prefix.max() >= self.config.image_vocab):
                 raise ValueError(f"prefix tokens must lie in [0, {self.config.image_vocab})")
-            prefix_NP = np.repeat(prefix.astype(np.int32), num_candidates, axis=0)
+            prefix_NP = np.repeat(prefix.astype(np.int32), c, axis=0)
         key = jax.random.key(seed)
+        null_T = self.null_text
+        if self.mesh is not None:
+            null_T = jax.device_put(null_T, sharding.replicated(self.mesh))
         # One compiled batch size: ``batch_size``, or all samples when fewer, rounded up to
         # a multiple of the mesh's batch shards so that every device gets whole rows.
         shards = self.batch_shards
         size = -(-min(batch_size, len(ids_N)) // shards) * shards
         out = []
-        for lo in range(0, len(ids_N), size):
-            hi = min(lo + size, len(ids_N))
-            pad = size - (hi - lo)
+        for start in range(0, len(ids_N), size):
+            stop = min(start + size, len(ids_N))
+            pad = size - (stop - start)
             # Pad the last batch to the compiled size; padded rows are dropped.
-            rows = [np.concatenate([a[lo:hi], np.repeat(a[hi - 1:hi], pad, 0)])
+            rows = [np.concatenate([a[start:stop], np.repeat(a[stop - 1:stop], pad, 0)])
                     for a in (text_NT, ids_N, prefix_NP)]
             if self.mesh is not None:
                 rows = [self._place(r, self._rows if r.ndim == 2 else self._ids) for r in rows]
-            toks = self._sample(self.params, rows[0], rows[1], key, rows[2])
-            out.append(self._fetch(toks)[: hi - lo])
+            toks = self._sample(self.params, rows[0], rows[1], key, rows[2], null_T)
+            out.append(self._fetch(toks)[: stop - start])
+            if progress is not None:
+                progress(stop - start)
         g = self.config.grid
-        return np.concatenate(out).reshape(n, num_candidates, g, g)
+        return np.concatenate(out).reshape(n, c, g, g)
 
     @staticmethod
     def _place(host: np.ndarray, sh) -> jax.Array:

@@ -2,7 +2,10 @@
 
 The loss is paper §2.2's weighted cross-entropy, 1/8 on the text and 7/8 on the image
 tokens by default (``model.loss_text_weight``); captions get BPE-dropout 0.1 in training
-(App. B.2). Evaluation reports the same losses and accuracies on the eval split, without
+(App. B.2). With ``text.caption_dropout = p > 0`` (not in the paper) each training
+caption is replaced, with probability p, by the empty caption's slots ``[BOS, pad_1, ...]``,
+so the same model also learns images without a caption, which classifier-free guided
+sampling contrasts with the captioned ones (`dalle_jax.sample.sampler`). Evaluation reports the same losses and accuracies on the eval split, without
 dropout and in file order, so successive evaluations see the same batches.
 """
 
@@ -13,6 +16,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import sharding
@@ -62,7 +66,12 @@ def make_task(cfg, workdir: str, tokenizer) -> loop.Task:
     mcfg = model_config(cfg, tokenizer, meta)
     model = transformer.Transformer(mcfg)
     evaluator = ValEvaluator(cfg, tokenizer, model) if int(cfg.evals.val.num_batches) > 0 else None
-    return model_task(mcfg, identity(mcfg, tokenizer, meta), evaluator)
+    drop = float(cfg.text.get("caption_dropout", 0.0))
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"text.caption_dropout must be in [0, 1), got {drop}")
+    null_text = tokenizer.encode_slots("", text_len=mcfg.text_len)[0]
+    return model_task(mcfg, identity(mcfg, tokenizer, meta), evaluator, caption_dropout=drop,
+                      null_text=null_text)
 
 
 def resblock_layout(mcfg: transformer.TransformerConfig) -> optim.ResblockLayout:
@@ -80,19 +89,35 @@ def resblock_layout(mcfg: transformer.TransformerConfig) -> optim.ResblockLayout
 
 
 def model_task(mcfg: transformer.TransformerConfig, ident: dict,
-               evaluate: Any = None) -> loop.Task:
+               evaluate: Any = None, *, caption_dropout: float = 0.0,
+               null_text: np.ndarray | None = None) -> loop.Task:
     """The `loop.Task` of a transformer config: init, the paper's weighted loss with dropout
     keyed by the step's rng, batches of ``text_tokens`` and ``image_tokens``; float16 runs
-    get per-resblock gradient scaling through ``grad_scales``."""
+    get per-resblock gradient scaling through ``grad_scales``.
+
+    ``caption_dropout`` replaces each example's text, with that probability, by
+    ``null_text`` (the empty caption's slots), drawn from the step's rng.
+    """
     model = transformer.Transformer(mcfg)
     weight = float(mcfg.loss_text_weight)
+    if caption_dropout > 0:
+        if null_text is None or np.shape(null_text) != (mcfg.text_len,):
+            raise ValueError(f"caption dropout needs the empty caption's {mcfg.text_len} "
+                             "text slots (null_text)")
+        null_T = jnp.asarray(null_text, jnp.int32)
 
     def loss_fn(params, batch, rng, step, grad_scales=None):
         del step
+        text_BT = batch["text_tokens"]
+        if caption_dropout > 0:
+            # Its own stream (the model's dropout keeps ``rng``), one draw per example.
+            drop_B = jax.random.bernoulli(jax.random.fold_in(rng, 1), caption_dropout,
+                                          (text_BT.shape[0],))
+            text_BT = jnp.where(drop_B[:, None], null_T[None, :].astype(text_BT.dtype), text_BT)
         logits_text, logits_image = model.apply(
-            {"params": params}, batch["text_tokens"], batch["image_tokens"],
+            {"params": params}, text_BT, batch["image_tokens"],
             deterministic=False, rngs={"dropout": rng}, grad_scales=grad_scales)
-        loss, metrics = transformer.loss_fn(logits_text, logits_image, batch["text_tokens"],
+        loss, metrics = transformer.loss_fn(logits_text, logits_image, text_BT,
                                             batch["image_tokens"], text_weight=weight)
         metrics.pop("loss")  # the loop records the loss itself
         return loss, metrics
