@@ -148,3 +148,25 @@ def transformer_optim(peak: float = 4.5e-4, steps: int = 1_000_000, warmup: int 
     return mlc.ConfigDict(dict(name="adamw", b1=0.9, b2=0.96, eps=1e-8, weight_decay=4.5e-2,
                                max_variance=0.0, clip_global_norm=4.0, grad_accum=1,
                                ema_decay=0.99, ema_every=25, lr=lr))
+
+
+def sample(captions, **overrides) -> mlc.ConfigDict:
+    """The ``sample`` job's section (`dalle_jax.sample.job` documents every field).
+
+    params / dvae_params "": the newest export of WORKDIR / of the dVAE run that wrote the
+    token directory. keep 0: write all candidates. rerank "": no scorer (else a
+    `--job=train_clip` / `--job=import_clip` export). keep_rows -1: the paper's 15 of 32
+    token rows, scaled to the grid. eval_*: the `shapes` caption match (eval_rerank N for
+    best-of-N reranked, eval_guidance s for guided; 0 / 1 leave them out).
+    """
+    c = mlc.ConfigDict(dict(
+        params="", dvae_params="", captions=tuple(captions), prompts_file="",
+        num_candidates=8, keep=0, seed=0, temperature=1.0, top_k=0, top_p=1.0, guidance=1.0,
+        rerank="", rerank_chunk=64, batch_size=64, complete_image="", keep_rows=-1,
+        out_dir="", eval_captions=0, eval_splits="validation", eval_rerank=0,
+        eval_guidance=1.0))
+    for k, v in overrides.items():
+        if k not in c:
+            raise KeyError(f"sample has no field {k!r}")
+        c[k] = v
+    return c

@@ -81,9 +81,7 @@ def get_config(arg=None):
     c.evals = dict(val=dict(num_batches=16))
     # params / dvae_params "": the newest export of WORKDIR / of the dVAE run that wrote
     # the tokens. The paper draws 512 candidates per caption at temperature 1 and reranks.
-    c.sample = dict(params="", dvae_params="", captions=("a painting of a fox sitting in a field",),
-                    num_candidates=8, seed=0, temperature=1.0, top_k=0, top_p=1.0,
-                    guidance=1.0, batch_size=8, eval_captions=0, eval_splits="validation")
+    c.sample = common.sample(("a painting of a fox sitting in a field",), batch_size=8)
     if arg.runlocal:
         c.total_steps = 4
         c.eval_every = 4

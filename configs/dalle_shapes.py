@@ -108,10 +108,6 @@ def get_config(arg=None):
     c.ckpt = common.checkpointing(every=max(1, steps // 4))
     c.log = common.logging(every=50)
     c.evals = dict(val=dict(num_batches=8))
-    # params / dvae_params "": the newest export of WORKDIR / of the dVAE run that wrote
-    # the tokens (the directory above data.tokens_dir).
-    c.sample = dict(params="", dvae_params="", captions=DEMO_CAPTIONS, num_candidates=8, seed=0,
-                    temperature=0.7, top_k=0, top_p=1.0, guidance=1.0, batch_size=64,
-                    eval_captions=200,
-                    eval_splits="validation,test_compositional")
+    c.sample = common.sample(DEMO_CAPTIONS, temperature=0.7, eval_captions=200,
+                             eval_splits="validation,test_compositional")
     return c

@@ -273,105 +273,17 @@ def _load_sampler(cfg, workdir: str, export: str, dvae_dir: str):
 
 
 def sample(cfg, workdir: str) -> None:
-    """Samples ``sample.num_candidates`` images for each of ``sample.captions``.
-
-    Writes ``workdir/samples/grid.png`` (a row per caption), ``tokens.npz`` and
-    ``report.json``. On `shapes` token data the report also holds the caption-match
-    evaluation (`dalle_jax.eval.shapes_match`): each grid image's verdict, and the share of
-    single samples that match over the first ``sample.eval_captions`` captions of each
-    split in ``sample.eval_splits`` (``validation``: in-distribution objects,
-    ``test_compositional``: held-out objects), with their grids, next to the share of the
-    dVAE's reconstructions of the real images that match (the ceiling the dVAE sets).
+    """Samples images for prompts: N candidates each, optionally guided and reranked by a
+    contrastive scorer, written as PNGs, grids and a JSON report
+    (`dalle_jax.sample.job`, which documents every ``sample.*`` setting).
 
     Sampling runs on the config's mesh with its sharding rules: the transformer is
     restored straight into its training shardings and the candidates are split over the
-    batch axes, with every process of a multi-host job taking part. Process 0 decodes
-    the gathered tokens with the dVAE and writes every file.
+    batch axes, with every process of a multi-host job taking part; process 0 writes.
     """
-    import jax
-    import numpy as np
+    from dalle_jax.sample import job
 
-    from dalle_jax import visualize
-    from dalle_jax.data.tokens import TokenSource, read_meta
-
-    s = cfg.sample
-    captions = [str(c) for c in s.captions]
-    if not captions:
-        raise ValueError("sample.captions is empty: give at least one caption")
-    export, dvae_dir = _sample_sources(cfg, workdir)
-    n, seed, bs = int(s.num_candidates), int(s.seed), int(s.batch_size)
-    out_dir = os.path.join(workdir, "samples")
-    settings = dict(s.to_dict() if hasattr(s, "to_dict") else s, export=export, dvae=dvae_dir)
-    settings["captions"] = captions
-    report_path = os.path.join(out_dir, "report.json")
-    if os.path.exists(report_path):
-        with open(report_path) as f:
-            if json.load(f).get("settings") == json.loads(json.dumps(settings, default=str)):
-                print(f"samples already written for these settings: {report_path}")
-                return
-    sampler = _load_sampler(cfg, workdir, export, dvae_dir)
-    t0 = time.time()
-    tokens = sampler.tokens(captions, num_candidates=n, seed=seed, batch_size=bs)
-    seconds = time.time() - t0
-    shapes_data = read_meta(str(cfg.data.tokens_dir)).get("source", {}).get("source") == "shapes"
-    # Sampling is collective (every process runs it on its devices); the evaluation's is
-    # done here too, before process 0 alone decodes, scores and writes.
-    evaluation = {}
-    if shapes_data and int(s.eval_captions) > 0:
-        for split in [x.strip() for x in str(s.eval_splits).split(",") if x.strip()]:
-            source = TokenSource(str(cfg.data.tokens_dir), split)
-            examples = [source[i] for i in range(min(int(s.eval_captions), len(source)))]
-            caps = [str(ex["caption"]) for ex in examples]
-            t_split = time.time()
-            toks = sampler.tokens(caps, num_candidates=1, seed=seed, batch_size=bs)
-            evaluation[split] = (source.grid, examples, caps, toks, time.time() - t_split)
-    if jax.process_index() != 0:
-        return
-    images = sampler.images(tokens, batch_size=bs)
-    if shapes_data:
-        from dalle_jax.eval import shapes_match
-    report = {"settings": settings, "export": export, "seed": seed, "num_candidates": n,
-              "sampling": {"temperature": sampler.sampling.temperature,
-                           "top_k": sampler.sampling.top_k, "top_p": sampler.sampling.top_p},
-              "sampling_seconds": round(seconds, 2),
-              "grid": os.path.join(out_dir, "grid.png"), "captions": []}
-    labels = [c if j == 0 else "" for c in captions for j in range(n)]
-    if shapes_data:
-        verdicts = [[shapes_match.match(images[i, j], c) for j in range(n)]
-                    for i, c in enumerate(captions)]
-        labels = [("ok " if v.ok else "x ") + (c if j == 0 else "")
-                  for c, vs in zip(captions, verdicts) for j, v in enumerate(vs)]
-        report["captions"] = [{"caption": c, "matches": [v.ok for v in vs],
-                               "reasons": [v.reason for v in vs]}
-                              for c, vs in zip(captions, verdicts)]
-    else:
-        report["captions"] = [{"caption": c} for c in captions]
-    visualize.save_grid(report["grid"], images.reshape((-1,) + images.shape[2:]), labels,
-                        ncols=n, scale=2, caption_lines=2)
-    np.savez(os.path.join(out_dir, "tokens.npz"), tokens=tokens, captions=np.asarray(captions))
-
-    if evaluation:
-        report["caption_match"] = {}
-        for split, (grid, examples, caps, toks, seconds) in evaluation.items():
-            m = len(examples)
-            imgs = sampler.images(toks, batch_size=bs)[:, 0]
-            summary = shapes_match.score(imgs, caps)
-            summary["sampling_seconds"] = round(seconds, 2)
-            # The same check on the dVAE's reconstructions of the real images (their own
-            # tokens, decoded): the most the transformer can reach through this dVAE.
-            real = np.stack([ex["image_tokens"] for ex in examples])
-            real = real.reshape((m, grid, grid))
-            recon = shapes_match.score(sampler.images(real, batch_size=bs), caps)
-            summary["dvae_reconstruction"] = {k: recon[k] for k in ("count", "matched",
-                                                                     "fraction")}
-            summary["grid"] = os.path.join(out_dir, f"eval_{split}.png")
-            visualize.save_grid(summary["grid"], imgs[:32], caps[:32], ncols=8, scale=2,
-                                caption_lines=2)
-            report["caption_match"][split] = summary
-            logging.info("caption match on %s: %s", split, json.dumps(summary, default=str))
-    _write_json(report_path, report)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("captions", "settings")},
-                     indent=2, default=str))
+    job.run(cfg, workdir)
 
 
 def plan(cfg, workdir: str) -> None:

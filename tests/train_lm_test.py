@@ -237,29 +237,43 @@ def test_sample_job_writes_grid_tokens_and_report(token_dir, tokenizer, dvae_exp
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert report["export"].endswith("step_0000002") and report["num_candidates"] == 3
-    assert [c["caption"] for c in report["captions"]] == ["a red circle", "a blue star"]
+    assert [p["prompt"] for p in report["prompts"]] == ["a red circle", "a blue star"]
     assert "caption_match" not in report  # only on shapes token data
+    # One PNG per kept image, named by its global sample index, and a grid per prompt.
+    second = report["prompts"][1]
+    assert [e["sample_index"] for e in second["images"]] == [3, 4, 5]
+    assert all(os.path.getsize(e["file"]) > 0 for e in second["images"])
+    assert os.path.getsize(second["grid"]) > 0
+    ident = report["sources"]["transformer"]["identity"]
+    assert ident["kind"] == "transformer" and report["sources"]["dvae"]["export"] == dvae_export
     toks = np.load(os.path.join(out, "tokens.npz"))["tokens"]
     assert toks.shape == (2, 3, GRID, GRID) and toks.min() >= 0 and toks.max() < IMAGE_VOCAB
     assert os.path.getsize(report["grid"]) > 0
-    # Same seed, same samples; the grid's tokens are reproducible.
+    # Rerunning with the same settings skips; the same seed elsewhere draws the same
+    # tokens; other settings never overwrite a directory's samples.
     mtime = os.path.getmtime(os.path.join(out, "report.json"))
     jobs.sample(cfg, workdir)
     assert os.path.getmtime(os.path.join(out, "report.json")) == mtime  # unchanged: skipped
-    cfg.sample.seed = 1
+    cfg.sample.out_dir = str(tmp_path / "again")
     jobs.sample(cfg, workdir)
-    np.testing.assert_array_equal(np.load(os.path.join(out, "tokens.npz"))["tokens"].shape,
-                                  toks.shape)
+    np.testing.assert_array_equal(np.load(str(tmp_path / "again" / "tokens.npz"))["tokens"], toks)
+    cfg.sample.update(seed=1, out_dir="")
+    with pytest.raises(FileExistsError, match="seed: saved has 0, now has 1"):
+        jobs.sample(cfg, workdir)
+    assert os.path.getmtime(os.path.join(out, "report.json")) == mtime
+    cfg.sample.out_dir = str(tmp_path / "seed1")
+    jobs.sample(cfg, workdir)
+    assert not np.array_equal(np.load(str(tmp_path / "seed1" / "tokens.npz"))["tokens"], toks)
 
     # A dVAE other than the one the tokens came from is refused, naming the field.
     other = dvae.DVAEConfig(**{**DVAE.to_dict(), "n_hid": 16})
     other_dir = str(tmp_path / "other_dvae")
     params_io.save_params(other_dir, other, dvae.init_params(other, jax.random.key(1)))
-    cfg.sample.dvae_params = other_dir
+    cfg.sample.update(dvae_params=other_dir, out_dir=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="n_hid"):
         jobs.sample(cfg, workdir)
     cfg.sample.update(dvae_params=dvae_export, captions=())
-    with pytest.raises(ValueError, match="captions is empty"):
+    with pytest.raises(ValueError, match="no prompts"):
         jobs.sample(cfg, workdir)
 
 
@@ -282,10 +296,11 @@ def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, token
     jobs.sample(cfg, workdir)
     with open(os.path.join(workdir, "samples", "report.json")) as f:
         report = json.load(f)
-    assert len(report["captions"][0]["matches"]) == 2
-    val = report["caption_match"]["validation"]
+    assert len(report["prompts"][0]["images"]) == 2
+    assert all(isinstance(e["matches_caption"], bool) for e in report["prompts"][0]["images"])
+    val = report["caption_match"]["validation"]["best_of_1"]
     assert val["count"] == 5 and 0 <= val["matched"] <= 5
-    ref = val["dvae_reconstruction"]
+    ref = report["caption_match"]["validation"]["dvae_reconstruction"]
     assert ref["count"] == 5 and 0 <= ref["matched"] <= 5
     assert ref["fraction"] == pytest.approx(ref["matched"] / 5)
 

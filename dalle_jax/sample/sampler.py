@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -353,6 +354,8 @@ class Sampler:
                  image_tokenizer: Any = None, sampling: SamplingConfig = SamplingConfig(), *,
                  mesh=None, rules=None):
         self.config = config
+        # Where the model came from (set by `load`; recorded in sampling reports).
+        self.sources: dict[str, Any] = {}
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer
         self.sampling = sampling
@@ -435,8 +438,23 @@ class Sampler:
             if diff:
                 raise ValueError(f"dVAE {dvae_export!r} is not the one the transformer was "
                                  f"trained on: " + "; ".join(diff))
-        return cls(config, params, text_tokenizer, image_tokenizer, sampling, mesh=mesh,
-                   rules=rules)
+        sampler = cls(config, params, text_tokenizer, image_tokenizer, sampling, mesh=mesh,
+                      rules=rules)
+        sampler.sources = {
+            "transformer": {"export": os.path.abspath(transformer_export),
+                            "step": meta.get("step"), "ema": meta.get("ema"),
+                            "export_dtype": meta.get("export_dtype"), "identity": ident},
+            "bpe_model": os.path.abspath(bpe_model),
+            "dvae": None if not dvae_export else {"export": os.path.abspath(dvae_export),
+                                                  "identity": found},
+        }
+        return sampler
+
+    def with_sampling(self, sampling: SamplingConfig) -> Sampler:
+        """The same model, tokenizers and mesh with other token filtering or guidance (the
+        parameters are shared, not copied)."""
+        return Sampler(self.config, self.params, self.text_tokenizer, self.image_tokenizer,
+                       sampling, mesh=self.mesh, rules=getattr(self, "rules", None))
 
     def encode_captions(self, captions: Sequence[str]) -> np.ndarray:
         """``(N, T)`` text slots of the captions (no BPE-dropout)."""

@@ -1,0 +1,112 @@
+"""Best-of-N reranking: streaming in chunks keeps exactly what scoring everything keeps."""
+
+import numpy as np
+import pytest
+
+from dalle_jax.rerank import best_of as best_of_lib
+from dalle_jax.rerank import scorer as scorer_lib
+from dalle_jax.sample import sampler as smp
+
+from sampler_test import GRID, TINY, _FakeTextTokenizer, _params
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+class _FakeDVAE:
+    """Decodes a token grid into a 2x-upsampled grey image whose pixels are the tokens."""
+
+    vocab_size = TINY.image_vocab
+    grid = GRID
+
+    def decode(self, tokens):
+        t = np.asarray(tokens, np.float32) / (self.vocab_size - 1)
+        img = np.repeat(np.repeat(t, 2, axis=1), 2, axis=2)
+        return np.repeat(img[..., None], 3, axis=-1)
+
+
+class _BrightnessScorer:
+    """Scores an image by its mean brightness, plus a caption-dependent offset."""
+
+    name = "brightness"
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, images, captions):
+        self.calls.append(len(images))
+        return (np.asarray(images, np.float32).mean(axis=(1, 2, 3))
+                + np.asarray([len(c) for c in captions], np.float32))
+
+    def identity(self):
+        return {"kind": "brightness"}
+
+
+def _sampler():
+    return smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer(), _FakeDVAE())
+
+
+def test_streamed_reranking_keeps_the_best_of_all_candidates():
+    s = _sampler()
+    caps = ["c1", "c2", "c3"]
+    n, keep = 7, 3
+    tokens = s.tokens(caps, num_candidates=n, seed=1, batch_size=8)
+    images = s.images(tokens)
+    scores = _BrightnessScorer().score(images.reshape((-1,) + images.shape[2:]),
+                                       [c for c in caps for _ in range(n)]).reshape(3, n)
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+
+    scorer = _BrightnessScorer()
+    drawn = []
+    # Chunks of 3 candidates, and groups of at most 2 captions (max_images=6).
+    got = best_of_lib.best_of(s, scorer, caps, num_candidates=n, keep=keep, seed=1, chunk=3,
+                              batch_size=8, max_images=6, progress=drawn.append)
+    np.testing.assert_array_equal(got.candidates, want)
+    np.testing.assert_allclose(got.all_scores, scores, rtol=1e-6)
+    np.testing.assert_allclose(got.scores, np.take_along_axis(scores, want, 1), rtol=1e-6)
+    np.testing.assert_array_equal(got.tokens, np.take_along_axis(
+        tokens, want[..., None, None], axis=1))
+    np.testing.assert_array_equal(got.images, np.take_along_axis(
+        images, want[..., None, None, None], axis=1))
+    np.testing.assert_array_equal(got.sample_index, np.arange(3)[:, None] * n + want)
+    assert sum(drawn) == 3 * n
+    assert max(scorer.calls) <= 6  # bounded: one group's chunk at a time
+    # Scores are non-increasing from the first kept image on.
+    assert np.all(np.diff(got.scores, axis=1) <= 0)
+
+
+def test_top_k_breaks_ties_towards_the_earlier_candidate():
+    np.testing.assert_array_equal(best_of_lib.top_k(np.asarray([[1.0, 2.0, 2.0, 0.0]]), 2),
+                                  [[1, 2]])
+    with pytest.raises(ValueError, match="keep"):
+        best_of_lib.top_k(np.zeros((1, 3)), 4)
+    with pytest.raises(ValueError, match="NaN"):
+        best_of_lib.top_k(np.asarray([[np.nan, 1.0]]), 1)
+
+
+@pytest.mark.parametrize("kw,err", [
+    (dict(num_candidates=0), "num_candidates"),
+    (dict(num_candidates=2, keep=3), "keep"),
+    (dict(num_candidates=2, keep=0), "keep"),
+    (dict(num_candidates=2, chunk=0), "chunk"),
+])
+def test_bad_reranking_arguments_are_named(kw, err):
+    with pytest.raises(ValueError, match=err):
+        best_of_lib.best_of(_sampler(), _BrightnessScorer(), ["c1"], **kw)
+    with pytest.raises(ValueError, match="no captions"):
+        best_of_lib.best_of(_sampler(), _BrightnessScorer(), [], num_candidates=2)
+
+
+def test_scorers_check_their_pairs():
+    checker = scorer_lib.ShapesCheckerScorer()
+    assert isinstance(checker, scorer_lib.Scorer)
+    with pytest.raises(ValueError, match="one caption per image"):
+        checker.score(np.zeros((2, 8, 8, 3), np.uint8), ["a red circle"])
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        checker.score(np.zeros((2, 8, 8), np.uint8), ["a", "b"])
+    from dalle_jax.data import shapes
+
+    scene, caption = shapes.sample_scene("validation", 0)
+    image = shapes.render(scene, 64)
+    _, other = shapes.sample_scene("validation", 1)
+    got = checker.score(np.stack([image, image]), [caption, other])
+    assert got[0] == 1.0
