@@ -170,3 +170,9 @@ def sample(captions, **overrides) -> mlc.ConfigDict:
             raise KeyError(f"sample has no field {k!r}")
         c[k] = v
     return c
+
+
+def export(dtype: str = "bfloat16") -> mlc.ConfigDict:
+    """The ``export`` job's section: source "" = the newest WORKDIR/exports/step_N (or a
+    params export, or a training checkpoint), out "" = the source's path + "_<dtype>"."""
+    return mlc.ConfigDict(dict(source="", dtype=dtype, out=""))

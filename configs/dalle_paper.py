@@ -77,6 +77,7 @@ def get_config(arg=None):
     c.precision = common.precision("bfloat16")
     c.plan = common.plan(image_vocab=8192, grid=32)
     c.ckpt = common.checkpointing(every=2_500)
+    c.export = common.export()
     c.log = common.logging(every=100)
     c.evals = dict(val=dict(num_batches=16))
     # params / dvae_params "": the newest export of WORKDIR / of the dVAE run that wrote

@@ -106,6 +106,7 @@ def get_config(arg=None):
     c.precision = common.precision()
     c.plan = common.plan(image_vocab=256, grid=8)
     c.ckpt = common.checkpointing(every=max(1, steps // 4))
+    c.export = common.export()
     c.log = common.logging(every=50)
     c.evals = dict(val=dict(num_batches=8))
     c.sample = common.sample(DEMO_CAPTIONS, temperature=0.7, eval_captions=200,

@@ -36,6 +36,7 @@ def get_config(arg=None):
     c.precision = common.precision("bfloat16")
     c.plan = common.plan()
     c.ckpt = common.checkpointing(every=5000)
+    c.export = common.export()
     c.log = common.logging(every=100)
     # Pre-encoding for stage 2 (--job=encode): dVAE export (default: this workdir's newest),
     # output directory (default: WORKDIR/tokens), splits, examples per shard.

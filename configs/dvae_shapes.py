@@ -97,6 +97,7 @@ def get_config(arg=None):
     c.precision = common.precision()
     c.plan = common.plan()
     c.ckpt = common.checkpointing(every=max(1, steps // 4))
+    c.export = common.export()
     c.log = common.logging(every=50)
     # Pre-encoding for stage 2 (--job=encode): dVAE export (default: this workdir's newest),
     # output directory (default: WORKDIR/tokens), splits, examples per shard.

@@ -167,3 +167,41 @@ def load_params(path: str, *, identity: dict | None = None, abstract: Any = None
     else:
         params = ckptr.restore(epath.Path(path) / "params", abstract)
     return params, meta
+
+
+def params_from_checkpoint(path: str, *, ema: bool = True) -> tuple[Any, dict]:
+    """``(params, meta)`` of a training checkpoint (``.../checkpoints`` for its newest step,
+    or ``.../checkpoints/<step>``): the EMA params when ``ema`` and the run kept them.
+
+    Read without the model's code (the saved tree as it is), so any stage's checkpoint
+    can be exported.
+    """
+    directory, step = find_checkpoint(path)
+    ckpt = Checkpointer(directory, async_save=False, read_only=True)
+    try:
+        meta = ckpt.read_meta(step)
+        out = ckpt._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(None)))
+    finally:
+        ckpt.close()
+    state = out["state"]
+    params = state["ema_params"] if ema and "ema_params" in state else state["params"]
+    return params, dict(meta, step=int(step), ema=bool(ema and "ema_params" in state))
+
+
+def convert_export(source: str, out: str, dtype: str) -> str:
+    """Writes ``source`` (a params export, or a training checkpoint: see
+    `params_from_checkpoint`) as a params export in ``dtype`` at ``out``.
+
+    The identity and metadata are kept, so the new export loads wherever the old one
+    did; floating leaves are cast, integer leaves kept. ``out`` must not exist yet.
+    """
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"export dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if os.path.exists(os.path.join(os.path.abspath(source), "meta.json")):
+        params, meta = load_params(source)
+    else:
+        params, meta = params_from_checkpoint(source)
+    meta = {k: v for k, v in meta.items() if k != "export_dtype"}
+    meta["converted_from"] = os.path.abspath(source)
+    return export_params(out, params, meta, dtype=dtype)

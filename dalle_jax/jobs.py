@@ -286,6 +286,39 @@ def sample(cfg, workdir: str) -> None:
     job.run(cfg, workdir)
 
 
+def export(cfg, workdir: str) -> None:
+    """Writes a params-only export in ``export.dtype`` (e.g. bfloat16: half the bytes to
+    download into Colab and to hold while sampling) from ``export.source``: a params export
+    or a training checkpoint (``.../checkpoints`` or ``.../checkpoints/<step>``, its EMA
+    params when the run kept them); "" takes the newest ``WORKDIR/exports/step_N``.
+    The new export goes to ``export.out`` ("" = the source's path + ``_<dtype>``) and keeps
+    the source's identity, so it loads wherever the source did. Nothing is overwritten.
+    """
+    import jax
+
+    from dalle_jax import checkpoint as ckpt_lib
+
+    e = cfg.export
+    source = str(e.source) or latest_export(workdir)
+    if not source:
+        raise FileNotFoundError(f"nothing to export: no {workdir}/exports/step_N and "
+                                "export.source is empty (a params export or a checkpoint)")
+    dtype = str(e.dtype)
+    out = str(e.out) or os.path.abspath(source).rstrip("/") + f"_{dtype}"
+    if os.path.isdir(out) and os.listdir(out):
+        meta = ckpt_lib.read_export_meta(out) if os.path.exists(
+            os.path.join(out, "meta.json")) else {}
+        if meta.get("export_dtype") == dtype and meta.get("converted_from") == \
+                os.path.abspath(source):
+            print(f"already exported: {out}")
+            return
+        raise FileExistsError(f"export.out {out!r} exists and holds something else; "
+                              "choose another path")
+    ckpt_lib.convert_export(source, out, dtype)
+    if jax.process_index() == 0:
+        print(f"{dtype} export of {source} written to {out}")
+
+
 def plan(cfg, workdir: str) -> None:
     """Prints what one device holds to train this config on its mesh, and whether it fits.
 
@@ -333,6 +366,7 @@ def plan(cfg, workdir: str) -> None:
 
 JOBS: dict[str, Callable] = {
     "encode": encode,
+    "export": export,
     "import_openai_dvae": import_openai_dvae,
     "plan": plan,
     "prepare": prepare,

@@ -277,6 +277,48 @@ def test_sample_job_writes_grid_tokens_and_report(token_dir, tokenizer, dvae_exp
         jobs.sample(cfg, workdir)
 
 
+def test_bfloat16_export_loads_onto_the_device_and_samples(token_dir, tokenizer, dvae_export,
+                                                          tmp_path):
+    import jax.numpy as jnp
+
+    from dalle_jax.sample import sampler as smp
+
+    cfg = _cfg(token_dir, tokenizer)
+    workdir = str(tmp_path / "run")
+    jobs.train(cfg, workdir)
+    jobs.export(cfg, workdir)  # the newest export, in bfloat16, next to it
+    f32 = os.path.join(workdir, "exports", "step_0000002")
+    bf16 = f32 + "_bfloat16"
+    meta = ckpt_lib.read_export_meta(bf16)
+    assert meta["export_dtype"] == "bfloat16" and meta["identity"]["kind"] == "transformer"
+    assert jobs.latest_export(workdir) == f32  # sampling defaults stay on the float32 export
+    jobs.export(cfg, workdir)  # rerun: already there, nothing rewritten
+    s = smp.Sampler.load(bf16, tokenizer.path, dvae_export)
+    leaves = jax.tree.leaves(s.params)
+    device = jax.local_devices()[0]
+    for leaf in leaves:
+        assert isinstance(leaf, jax.Array) and leaf.devices() == {device}
+        assert leaf.dtype == jnp.bfloat16 or not jnp.issubdtype(leaf.dtype, jnp.floating)
+    # The same tokens as float32 params rounded to bfloat16 in memory.
+    params, _ = ckpt_lib.load_params(f32)
+    rounded = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+    ref = smp.Sampler(s.config, rounded, tokenizer, s.image_tokenizer)
+    np.testing.assert_array_equal(s.tokens(["a red circle"], num_candidates=2, seed=3),
+                                  ref.tokens(["a red circle"], num_candidates=2, seed=3))
+    # A training checkpoint exports too (its EMA params); a taken path is refused.
+    cfg.export.update(source=os.path.join(workdir, "checkpoints"), dtype="float32",
+                      out=str(tmp_path / "from_ckpt"))
+    jobs.export(cfg, workdir)
+    a, _ = ckpt_lib.load_params(str(tmp_path / "from_ckpt"))
+    jax.tree.map(np.testing.assert_array_equal, a, params)
+    cfg.export.out = bf16
+    with pytest.raises(FileExistsError, match="holds something else"):
+        jobs.export(cfg, workdir)
+    cfg.export.update(out=str(tmp_path / "x"), dtype="int8")
+    with pytest.raises(ValueError, match="export dtype"):
+        jobs.export(cfg, workdir)
+
+
 def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, tokenizer, dvae_export,
                                                                   tmp_path):
     import shutil

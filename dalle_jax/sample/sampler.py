@@ -422,11 +422,22 @@ class Sampler:
             raise ValueError(f"{transformer_export!r} is not a transformer export "
                              f"(identity kind {ident.get('kind')!r})")
         config = tfm.TransformerConfig(**ident["model"], dtype=dtype)
-        target = None
+        # Restore targets carry the export's own dtype (a bfloat16 export stays bfloat16)
+        # and where each array goes, so orbax reads every array straight into its device
+        # buffer(s): no full float32 (or host) copy of the model is made on the way.
+        stored = str(meta.get("export_dtype", "float32"))
         if mesh is not None:
             if rules is None:
                 raise ValueError("a Sampler on a mesh needs the logical-axis rules")
             target = abstract_params(config, mesh, sharding.get_rules(rules))
+        else:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                  abstract_params(config))
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(
+                a.shape, stored if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
+                sharding=a.sharding), target)
         params, _ = checkpoint.load_params(transformer_export, abstract=target)
         text_tokenizer = bpe.TextTokenizer(bpe_model)
         text_tokenizer.check_identity(ident["tokenizer"])

@@ -432,7 +432,8 @@ def _load_init_params(path: str, abstract_params, identity):
     if not os.path.exists(os.path.join(path, "meta.json")):
         raise ValueError(
             f"ckpt.init_params={path!r} is not a params export (no meta.json); make one with "
-            "--job=export, or use ckpt.resume_from to continue a run with its optimizer state")
+            "--job=export --config.export.source=<checkpoints dir> --config.export.dtype="
+            "float32, or use ckpt.resume_from to continue a run with its optimizer state")
     params, _ = ckpt_lib.load_params(path, identity=identity, abstract=abstract_params)
     return params
 
