@@ -175,6 +175,33 @@ def import_openai_dvae(cfg, workdir: str) -> None:
     print(f"OpenAI dVAE ({config}) written to {out}")
 
 
+def train_clip(cfg, workdir: str) -> None:
+    """Trains the contrastive image/text scorer used for reranking on the config's image
+    dataset, then exports it to ``workdir/exports/step_N`` with its tokenizer file
+    (`dalle_jax.train.clip_task`)."""
+    from dalle_jax.train import clip_task
+
+    clip_task.train_clip(cfg, workdir)
+
+
+def import_clip(cfg, workdir: str) -> None:
+    """Converts OpenAI CLIP weights and its BPE vocabulary (local files named by
+    ``cfg.openai_clip``) into a scorer export at ``workdir/exports/openai_clip``."""
+    from dalle_jax.rerank import openai_clip
+
+    c = cfg.get("openai_clip")
+    if c is None or not c.checkpoint or not c.vocab:
+        raise ValueError("set the OpenAI CLIP files: --config=configs/clip_openai.py:"
+                         "checkpoint=PATH/ViT-B-32.pt,vocab=PATH/bpe_simple_vocab_16e6.txt.gz")
+    for what, path in (("checkpoint", c.checkpoint), ("vocab", c.vocab)):
+        if not os.path.isfile(str(path)):
+            raise FileNotFoundError(f"OpenAI CLIP {what} file {str(path)!r} does not exist "
+                                    "(nothing is downloaded: give a local file)")
+    out = os.path.join(workdir, "exports", "openai_clip")
+    openai_clip.import_clip(str(c.checkpoint), str(c.vocab), out)
+    print(f"OpenAI CLIP written to {out}")
+
+
 def _bpe_path(cfg, workdir: str) -> str:
     """``cfg.text.bpe_model`` if set, else ``workdir/bpe.model``."""
     return str(cfg.text.bpe_model) or os.path.join(workdir, "bpe.model")
@@ -367,6 +394,7 @@ def plan(cfg, workdir: str) -> None:
 JOBS: dict[str, Callable] = {
     "encode": encode,
     "export": export,
+    "import_clip": import_clip,
     "import_openai_dvae": import_openai_dvae,
     "plan": plan,
     "prepare": prepare,
@@ -374,5 +402,6 @@ JOBS: dict[str, Callable] = {
     "sample": sample,
     "train": train,
     "train_bpe": train_bpe,
+    "train_clip": train_clip,
     "train_dvae": train_dvae,
 }

@@ -9,7 +9,8 @@ e.g. ``--config.sample.num_candidates=64``):
 * ``num_candidates`` N images are drawn per prompt (global sample ``i * N + j`` for
   candidate ``j`` of prompt ``i``, so an image depends only on its prompt, the seed and its
   index); ``keep`` of them are written (0: all N).
-* ``rerank``: a contrastive scorer export (``--job=train_clip`` or ``--job=import_clip``);
+* ``rerank``: a contrastive scorer export (``--job=train_clip`` or ``--job=import_clip``),
+  or the workdir of such a run (its newest export);
   candidates are then ordered by its score and the best ``keep`` kept, streamed in chunks
   of ``rerank_chunk`` candidates per prompt so that N = 512 runs in bounded memory.
   Without a scorer the first ``keep`` candidates are kept.
@@ -121,7 +122,7 @@ def run(cfg, workdir: str) -> None:
 
     from dalle_jax import checkpoint, visualize
     from dalle_jax.data.tokens import read_meta
-    from dalle_jax.jobs import _load_sampler, _sample_sources, _write_json
+    from dalle_jax.jobs import _load_sampler, _sample_sources, _write_json, latest_export
     from dalle_jax.rerank import best_of as best_of_lib
     from dalle_jax.rerank import scorer as scorer_lib
     from dalle_jax.sample import sampler as sampler_lib
@@ -140,6 +141,9 @@ def run(cfg, workdir: str) -> None:
         temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
         guidance=float(s.get("guidance", 1.0)))
     rerank_path = str(s.get("rerank", ""))
+    if rerank_path and not os.path.exists(os.path.join(rerank_path, "meta.json")):
+        # A scorer run's workdir: its newest export.
+        rerank_path = latest_export(rerank_path) or rerank_path
     export, dvae_dir = _sample_sources(cfg, workdir)
     out_dir = str(s.get("out_dir", "")) or os.path.join(workdir, "samples")
     settings = settings_of(cfg, prompts, export, dvae_dir)
