@@ -319,6 +319,63 @@ def test_bfloat16_export_loads_onto_the_device_and_samples(token_dir, tokenizer,
         jobs.export(cfg, workdir)
 
 
+def test_sample_job_names_bad_input_and_overwrites_nothing(token_dir, tokenizer, dvae_export,
+                                                           tmp_path, capsys):
+    cfg = _cfg(token_dir, tokenizer)
+    workdir = str(tmp_path / "run")
+    jobs.train(cfg, workdir)
+    out = tmp_path / "out"
+    cfg.sample.update(dvae_params=dvae_export, captions=("a red circle",), num_candidates=2,
+                      batch_size=4, out_dir=str(out))
+    for field, value, err in [("num_candidates", 0, "num_candidates must be >= 1"),
+                              ("guidance", -1.0, "guidance scale must be >= 0"),
+                              ("keep", 3, "keep must be in"),
+                              ("rerank", str(tmp_path / "nope"), "no scorer export"),
+                              ("prompts_file", str(tmp_path / "none.txt"), "does not exist"),
+                              ("complete_image", str(tmp_path / "none.png"), "cannot use")]:
+        before = cfg.sample[field]
+        cfg.sample[field] = value
+        with pytest.raises((ValueError, FileNotFoundError), match=err):
+            jobs.sample(cfg, workdir)
+        cfg.sample[field] = before
+        assert not out.exists()  # nothing was written
+    # A scorer whose tokenizer does not fit its text tower is refused when loaded.
+    from dalle_jax.rerank import scorer as scorer_lib
+    from notebook_test import _tiny_scorer_export
+
+    bad = _tiny_scorer_export(str(tmp_path / "scorer"), tokenizer.path)
+    meta_path = os.path.join(bad, "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["identity"]["model"]["vocab_size"] = 8
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="do not belong together"):
+        scorer_lib.load_scorer(bad)
+    # A prompt longer than the text slots is sampled truncated, with a warning naming it.
+    long = "a red circle to the left of a blue square " * 4
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{long}\n\n  a blue square  \n")
+    cfg.sample.update(captions=(), prompts_file=str(prompts))
+    jobs.sample(cfg, workdir)
+    assert f"prompt truncated to the model's {TEXT_LEN} text slots: {long.strip()!r}" in \
+        capsys.readouterr().out
+    with open(out / "report.json") as f:
+        assert [p["prompt"] for p in json.load(f)["prompts"]] == [long.strip(), "a blue square"]
+    # Image completion from a file of another size: resized, centre-cropped, noted.
+    from PIL import Image
+
+    Image.new("RGB", (40, 24), (255, 0, 0)).save(tmp_path / "wide.png")
+    cfg.sample.update(complete_image=str(tmp_path / "wide.png"), keep_rows=1,
+                      out_dir=str(tmp_path / "completed"))
+    jobs.sample(cfg, workdir)
+    with open(tmp_path / "completed" / "report.json") as f:
+        report = json.load(f)
+    assert "40x24 image resized and centre-cropped to 16x16" in report["notes"][0]
+    toks = np.load(tmp_path / "completed" / "tokens.npz")["tokens"]
+    assert (toks[:, :, 0] == toks[0, 0, 0]).all()  # the kept row is the image's, everywhere
+
+
 def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, tokenizer, dvae_export,
                                                                   tmp_path):
     import shutil

@@ -1,0 +1,1 @@
+"""Evaluators and image-quality metrics."""
