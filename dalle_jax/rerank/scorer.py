@@ -251,7 +251,7 @@ def load_tokenizer(export_dir: str, ident: dict) -> Any:
     if kind == "openai_clip_bpe":
         from dalle_jax.rerank import clip_tokenizer
 
-        tok = clip_tokenizer.ClipTokenizer(path)
+        tok = clip_tokenizer.ClipTokenizer(path, num_merges=ident.get("num_merges"))
     elif kind in ("sentencepiece", "sentencepiece-bpe"):
         from dalle_jax.train import clip_task
 

@@ -1,0 +1,1 @@
+"""Scoring and reranking sampled images against their captions."""
