@@ -109,6 +109,9 @@ def get_config(arg=None):
     c.export = common.export()
     c.log = common.logging(every=50)
     c.evals = dict(val=dict(num_batches=8))
+    # eval_rerank: with a scorer (sample.rerank), the caption match of the best of 16
+    # candidates; eval_guidance: of single samples with classifier-free guidance.
     c.sample = common.sample(DEMO_CAPTIONS, temperature=0.7, eval_captions=200,
-                             eval_splits="validation,test_compositional")
+                             eval_splits="validation,test_compositional", eval_rerank=16,
+                             eval_guidance=2.0)
     return c

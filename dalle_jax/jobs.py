@@ -346,6 +346,15 @@ def export(cfg, workdir: str) -> None:
         print(f"{dtype} export of {source} written to {out}")
 
 
+def eval_coco(cfg, workdir: str) -> None:
+    """The MS-COCO zero-shot evaluation (paper §3.1): FID, IS and CLIP score of reranked
+    samples for validation captions, under Gaussian blur and against the reranking size
+    (`dalle_jax.evals.coco`, which documents its settings and outputs)."""
+    from dalle_jax.evals import coco
+
+    coco.eval_coco(cfg, workdir)
+
+
 def plan(cfg, workdir: str) -> None:
     """Prints what one device holds to train this config on its mesh, and whether it fits.
 
@@ -393,6 +402,7 @@ def plan(cfg, workdir: str) -> None:
 
 JOBS: dict[str, Callable] = {
     "encode": encode,
+    "eval_coco": eval_coco,
     "export": export,
     "import_clip": import_clip,
     "import_openai_dvae": import_openai_dvae,

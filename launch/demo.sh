@@ -3,8 +3,9 @@
 #   launch/demo.sh [WORKDIR]        (default runs/demo)
 # Stages: prepare the dataset -> preview the input pipeline -> train the tiny dVAE ->
 # pre-encode every split into image tokens -> train the caption BPE -> train the tiny
-# transformer -> sample images for fixed captions and score how many match them. Every
-# stage skips work that is already done, so rerunning is cheap.
+# transformer -> train the contrastive scorer -> sample images for fixed captions, rerank
+# them, and score how many match their captions (single samples, best of 16 reranked,
+# guided). Every stage skips work that is already done, so rerunning is cheap.
 set -euo pipefail
 workdir=${1:-runs/demo}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -25,13 +26,30 @@ stage "train the caption BPE"
 "$here/local.sh" train_bpe "$dalle" "$workdir/dalle"
 stage "train the tiny transformer"
 "$here/local.sh" train "$dalle" "$workdir/dalle"
-stage "sample images and check them against their captions"
-"$here/local.sh" sample "$dalle" "$workdir/dalle"
+stage "train the contrastive scorer (for reranking)"
+"$here/local.sh" train_clip "configs/clip_shapes.py:bpe=$workdir/dalle/bpe.model" "$workdir/clip"
+stage "sample, rerank and check the images against their captions"
+"$here/local.sh" sample "$dalle" "$workdir/dalle" "--config.sample.rerank=$workdir/clip"
 stage "done"
+"${PYTHON:-$here/../.venv/bin/python}" - "$workdir" <<'PY'
+import json, sys
+w = sys.argv[1]
+with open(f"{w}/dalle/samples/report.json") as f:
+    match = json.load(f).get("caption_match", {})
+rows = [("validation", "in-distribution objects"), ("test_compositional", "held-out objects")]
+print("caption match (the shapes checker)     " + "  ".join(f"{r[1]:>24}" for r in rows))
+for key, what in [("best_of_1", "single samples"), ("reranked", "best of 16, reranked"),
+                  ("guided", "single samples, guided"), ("dvae_reconstruction", "dVAE ceiling")]:
+    vals = [match.get(split, {}).get(key, {}).get("fraction") for split, _ in rows]
+    if any(v is not None for v in vals):
+        print(f"  {what:<37}" + "  ".join(f"{'-' if v is None else f'{100 * v:.1f}%':>24}"
+                                             for v in vals))
+PY
 echo "input batch:        $workdir/preview/train_batch.png"
 echo "reconstructions:    $workdir/dvae/eval/recon_latest.png"
 echo "metrics:            $workdir/dvae/metrics.jsonl"
 echo "image tokens:       $workdir/dvae/tokens"
 echo "transformer:        $workdir/dalle/metrics.jsonl"
+echo "scorer:             $workdir/clip/metrics.jsonl"
 echo "samples:            $workdir/dalle/samples/grid.png"
 echo "caption match:      $workdir/dalle/samples/report.json"
