@@ -110,3 +110,12 @@ def test_scorers_check_their_pairs():
     _, other = shapes.sample_scene("validation", 1)
     got = checker.score(np.stack([image, image]), [caption, other])
     assert got[0] == 1.0
+
+
+def test_reported_caption_match_refuses_the_checker_as_its_own_reranker():
+    from dalle_jax.eval import caption_match
+
+    with pytest.raises(ValueError, match="needs a learned scorer"):
+        caption_match.evaluate_split(_sampler(), [{"caption": "c1", "image_tokens": None}],
+                                     seed=0, batch_size=4, grid=GRID,
+                                     scorer=scorer_lib.ShapesCheckerScorer(), rerank_n=4)

@@ -390,11 +390,23 @@ def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, token
     cfg = _cfg(shapes_dir, tokenizer)
     workdir = str(tmp_path / "run")
     jobs.train(cfg, workdir)
+    from notebook_test import _tiny_scorer_export
+
+    scorer = _tiny_scorer_export(str(tmp_path / "scorer"), tokenizer.path)
     cfg.sample.update(dvae_params=dvae_export, captions=("a red circle",), num_candidates=2,
-                      batch_size=4, eval_captions=5, eval_splits="validation")
+                      batch_size=4, eval_captions=5, eval_splits="validation",
+                      rerank=scorer, eval_rerank=3, eval_guidance=2.0)
     jobs.sample(cfg, workdir)
     with open(os.path.join(workdir, "samples", "report.json")) as f:
         report = json.load(f)
+    # Reranked by the scorer: both candidates kept, best first, with their scores.
+    scores = [e["score"] for e in report["prompts"][0]["images"]]
+    assert scores == sorted(scores, reverse=True)
+    assert report["sources"]["scorer"]["kind"] == "clip"
+    match = report["caption_match"]["validation"]
+    assert match["reranked"]["n"] == 3 and match["reranked"]["count"] == 5
+    assert match["reranked"]["scorer"]["source"] == "trained"
+    assert match["guided"]["scale"] == 2.0 and match["guided"]["count"] == 5
     assert len(report["prompts"][0]["images"]) == 2
     assert all(isinstance(e["matches_caption"], bool) for e in report["prompts"][0]["images"])
     val = report["caption_match"]["validation"]["best_of_1"]

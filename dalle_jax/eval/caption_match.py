@@ -53,6 +53,9 @@ def evaluate_split(sampler, examples: Sequence[dict], *, seed: int, batch_size: 
     """
     from dalle_jax.rerank import best_of as best_of_lib
 
+    if scorer is not None and getattr(scorer, "name", "") == "shapes_checker":
+        raise ValueError("the caption checker grades the samples; reranking for a reported "
+                         "result needs a learned scorer")
     caps = [str(ex["caption"]) for ex in examples]
     out: dict[str, Any] = {}
     toks = sampler.tokens(caps, num_candidates=1, seed=seed, batch_size=batch_size,
@@ -60,9 +63,6 @@ def evaluate_split(sampler, examples: Sequence[dict], *, seed: int, batch_size: 
     images = sampler.images(toks, batch_size=batch_size)[:, 0]
     out["best_of_1"] = _summary(images, caps)
     if scorer is not None and rerank_n > 0:
-        if getattr(scorer, "name", "") == "shapes_checker":
-            raise ValueError("the caption checker grades the samples; reranking for a "
-                             "reported result needs a learned scorer")
         kept = best_of_lib.best_of(sampler, scorer, caps, num_candidates=rerank_n, keep=1,
                                    seed=seed, chunk=rerank_chunk, batch_size=batch_size,
                                    progress=progress)
