@@ -1,0 +1,1394 @@
+"""The ``eval_coco`` job: zero-shot MS-COCO evaluation of the stage-2 model (paper §3.1).
+
+The DALL·E paper evaluates on captions of the MS-COCO 2014 validation set, never trained
+on: it samples images for 30,000 captions, reranks N candidates per caption with a
+contrastive model, and compares the samples with the validation images by FID and IS,
+also after blurring both sides with Gaussian kernels of growing radius (Fig. 9: the gap
+to other models narrows once the dVAE's missing high frequencies are blurred away
+everywhere), and checks how many validation images have near-duplicates in the training
+data (App. F). This job does all of that, resumably.
+
+Steps (every setting lives in the config, `configs/eval_coco.py` documents them):
+
+1. **Captions.** The raw COCO layout is read: ``coco.root/annotations/captions_val2014.json``
+   (``images`` [{id, file_name}], ``annotations`` [{image_id, caption}]) and the image
+   folder ``coco.root/val2014/``. (TFDS ``coco_captions`` is not read: it needs a
+   download-and-prepare step of its own, and the raw files are what the paper's numbers
+   refer to.) Every listed image is decoded once (`dalle_jax.data.imageio.load_rgb`, in a
+   thread pool); missing and undecodable images are skipped and counted by reason, as are
+   images without a non-empty caption. ``coco.num_captions`` captions are then drawn with
+   ``coco.seed``: a seeded permutation of the usable images (sorted by id) picks the
+   images, and one of each image's captions is picked with the same generator. So every
+   evaluated caption comes from a **distinct** image (30,000 of the 40,504 validation
+   images at the paper's size), and the real-image set of the FID has no duplicates
+   which would shrink its spread; the draw is a pure function of the annotation file, the
+   set of usable images and the seed. It is stored in ``draw.json``. Fewer usable images
+   than ``num_captions`` is an error naming both numbers.
+2. **Real images.** Each drawn image is resized (shorter side to the model's image size,
+   PIL filter ``metrics.real_resize``, Lanczos by default, as the DALL·E reference
+   preprocessing) and centre-cropped, and stored in ``real/real_NNNNN.npz`` shards.
+3. **Samples.** The stage-2 model (`Sampler.load` of ``sample.transformer``,
+   ``sample.bpe``, ``sample.dvae``) draws ``sample.num_candidates`` N candidates per
+   caption; candidate j of caption i is global sample ``i * N + j`` (as in the sampler
+   and the ``sample`` job). With a scorer (``sample.scorer``, required when N > 1), each
+   candidate is scored, and for every reranking size k in ``sample.rerank_sizes`` (N is
+   always included) the best of the *first k* candidates is kept, ties going to the
+   earlier candidate. Candidates are drawn in ranges aligned with the sizes (and at most
+   ``sample.chunk`` per caption at a time; `Sampler.tokens` draws a range with exactly
+   the tokens of the full draw), so one pass of N candidates yields every size's pick in
+   bounded memory. The picks of ``sample.shard_captions`` captions go to one
+   ``generated/gen_NNNNN.npz`` shard (tokens, candidate and global sample indices,
+   scores, every candidate's score, and the distinct picked images, uint8), written
+   through a temporary file and renamed. A restart skips finished shards.
+4. **Settings.** ``settings.json`` records everything the stored images depend on (the
+   annotation file's hash, the draw's size and seed, the exports' paths and identities,
+   the BPE file's hash, the scorer, sampling, the layout). A restart with any of them
+   different stops before doing anything and names the differences: one directory never
+   mixes two evaluations. The exports are compared by path (with their recorded identity
+   and step), since hashing a large model's weights would take long: a moved export
+   counts as another one. The COCO folder may move (only its annotation file's hash
+   counts). Metric settings may change between runs (see 6).
+5. **Metrics.** For each blur radius in ``metrics.blur_radii`` (PIL
+   ``ImageFilter.GaussianBlur``, on both sides at the model's resolution) and each
+   reranking size: FID against the real images, IS (``logits_unbiased``, torch-fidelity's
+   split rule, ``min(is_splits, n)`` splits), and with a scorer the CLIP score, the mean
+   over captions of ``100 * max(cos, 0)`` of the scorer's image and caption embeddings
+   (with reranking by the same scorer this favours the reranked sizes by construction; it
+   is reported for the real images too as a reference). Inception features come from
+   `dalle_jax.evals.inception` (weights ``metrics.inception_weights`` or
+   ``$DALLE_JAX_INCEPTION_WEIGHTS``), extracted in batches over the config's mesh, and are
+   cached per shard and radius under ``cache/`` (a regenerated shard gets new ones). The
+   real images' statistics are saved with `fid.save_stats` to
+   ``metrics.real_stats_dir`` (default ``eval_coco/real_stats``), keyed by the draw, the
+   radius, the real-image resize, the image size, the Inception input resize and the
+   weights file, and reused by later runs (also of other models). Without the weights
+   file the job still draws, generates and scores CLIP, and says which file it needs and
+   where it looked; FID, IS, the overlap check's features and the plots are skipped.
+6. **Report.** ``eval_coco/results.json``: the settings, the metric settings, the counts
+   (captions, generated images, skipped images by reason, truncated captions), and per
+   blur radius the real images' IS and CLIP score and per reranking size FID, IS mean ±
+   std and CLIP score; plots ``fid_vs_blur.png``, ``is_vs_blur.png`` (a line per
+   reranking size), ``fid_vs_rerank.png``, ``is_vs_rerank.png`` (at the smallest radius,
+   normally 0) and ``clip_vs_rerank.png``, drawn with PIL (`dalle_jax.evals.plots`), and
+   ``samples.png`` (the first captions' picks per size). A results file written with other
+   metric settings is kept as ``results.<time>.json``.
+7. **Overlap check** (optional, ``overlap.train_images``: a folder searched recursively,
+   a ``.txt`` file listing one path per line, or a comma-separated list of paths): the
+   training images are prepared like the real ones (resize, crop, no blur), and the
+   cosine similarity of their Inception pool features to each evaluated validation
+   image's is computed in chunks; a validation image whose nearest training image reaches
+   ``overlap.threshold`` counts as overlapping. The report gives the fraction, the
+   nearest neighbours of the most similar ones, and FID / IS at the smallest blur radius
+   with and without the captions of the overlapping validation images (their real images
+   and their samples both left out).
+
+Several processes (multi-host): every process samples (the sampler runs over the mesh)
+and extracts features (each its own contiguous share of the rows); process 0 writes every
+file, so the output directory must be on storage all processes see.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+OUT_SUBDIR = "eval_coco"
+SETTINGS_FILE = "settings.json"
+DRAW_FILE = "draw.json"
+RESULTS_FILE = "results.json"
+PAPER_NUM_CAPTIONS = 30_000
+# Images per group of shards whose Inception features or CLIP scores are computed at once.
+CACHE_GROUP_ROWS = 4096
+
+
+# ----------------------------------------------------------------------------- COCO files
+
+
+@dataclasses.dataclass(frozen=True)
+class CocoImage:
+    """A validation image with its non-empty captions (whitespace collapsed), in the
+    annotation file's order."""
+
+    image_id: int
+    file_name: str
+    captions: tuple[str, ...]
+
+
+def read_annotations(path: str) -> tuple[list[CocoImage], dict[str, int]]:
+    """The images of a COCO captions file (sorted by id) that have at least one non-empty
+    caption, and counts of what was left out (``images_without_captions``,
+    ``empty_captions``, ``orphan_annotations`` naming an image id the file does not
+    list)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"COCO captions file {path!r} does not exist (expected the "
+                                "raw layout: ROOT/annotations/captions_val2014.json)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ValueError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
+    files: dict[int, str] = {}
+    for im in data["images"]:
+        files[int(im["id"])] = str(im["file_name"])
+    captions: dict[int, list[str]] = defaultdict(list)
+    orphan = empty = 0
+    for a in data["annotations"]:
+        image_id = int(a["image_id"])
+        text = " ".join(str(a.get("caption", "")).split())
+        if image_id not in files:
+            orphan += 1
+        elif not text:
+            empty += 1
+        else:
+            captions[image_id].append(text)
+    images = [CocoImage(i, files[i], tuple(captions[i])) for i in sorted(files) if captions[i]]
+    counts = {"images_listed": len(files), "annotations": len(data["annotations"]),
+              "images_without_captions": len(files) - len(images), "empty_captions": empty,
+              "orphan_annotations": orphan}
+    return images, counts
+
+
+def _load_image(path: str):
+    """A fully decoded RGB PIL image, any size and aspect ratio (`BadImage` otherwise)."""
+    from dalle_jax.data import imageio
+
+    return imageio.load_rgb(path, min_side=1, aspect_range=(0.0, math.inf)).image
+
+
+def image_problem(path: str) -> str | None:
+    """None for a usable image file, else why it is skipped: ``"missing"`` or a
+    `dalle_jax.data.imageio.BadImage` reason (``"corrupt"``, ...)."""
+    from dalle_jax.data import imageio
+
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        _load_image(path)
+    except imageio.BadImage as e:
+        return e.reason
+    return None
+
+
+def _workers(n: int) -> int:
+    return n if n > 0 else min(32, os.cpu_count() or 1)
+
+
+def check_images(images: Sequence[CocoImage], image_dir: str, *, workers: int = 0,
+                 progress: bool = True) -> tuple[list[CocoImage], list[dict[str, Any]]]:
+    """``(usable images, skipped)``: each image decoded once (threads); ``skipped`` lists
+    ``{"image_id", "file_name", "reason"}`` of the missing and undecodable ones."""
+    paths = [os.path.join(image_dir, im.file_name) for im in images]
+    with concurrent.futures.ThreadPoolExecutor(_workers(workers)) as pool:
+        reasons = list(_bar(pool.map(image_problem, paths), len(paths), "checking images",
+                            progress))
+    usable = [im for im, r in zip(images, reasons) if r is None]
+    skipped = [{"image_id": im.image_id, "file_name": im.file_name, "reason": r}
+               for im, r in zip(images, reasons) if r is not None]
+    return usable, skipped
+
+
+def draw_captions(usable: Sequence[CocoImage], num: int, seed: int) -> list[dict[str, Any]]:
+    """``num`` captions of distinct images: ``np.random.default_rng(seed)`` permutes the
+    images (in the given order, sorted by id) and takes the first ``num``, then picks one
+    caption of each in turn with the same generator. Entries: ``index`` (the caption's
+    position, which fixes its sample indices), ``image_id``, ``file_name``, ``caption``,
+    ``caption_choice`` (which of the image's captions)."""
+    if num < 1:
+        raise ValueError(f"num_captions must be >= 1, got {num}")
+    if num > len(usable):
+        raise ValueError(f"asked for {num} captions of distinct images but only "
+                         f"{len(usable)} are usable")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(usable))[:num]
+    out = []
+    for i, k in enumerate(order):
+        im = usable[int(k)]
+        j = int(rng.integers(len(im.captions)))
+        out.append({"index": i, "image_id": im.image_id, "file_name": im.file_name,
+                    "caption": im.captions[j], "caption_choice": j})
+    return out
+
+
+def list_images(spec: str) -> list[str]:
+    """Image paths of ``spec``: a folder (searched recursively for `IMAGE_EXTENSIONS`,
+    sorted), a ``.txt`` file with one path per line, or a comma-separated list."""
+    from dalle_jax.data.imageio import IMAGE_EXTENSIONS
+
+    spec = str(spec).strip()
+    if os.path.isdir(spec):
+        out = []
+        for d, _, names in os.walk(spec):
+            out += [os.path.join(d, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        return sorted(out)
+    if spec.endswith(".txt") and os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def parse_floats(value: Any, what: str) -> list[float]:
+    """``"0,1,2"`` or a sequence of numbers -> sorted distinct floats (at least one)."""
+    items = [x for x in str(value).replace(" ", "").split(",") if x] \
+        if isinstance(value, str) else list(value)
+    try:
+        out = sorted({float(x) for x in items})
+    except ValueError as e:
+        raise ValueError(f"{what} must be comma-separated numbers, got {value!r}") from e
+    if not out:
+        raise ValueError(f"{what} is empty")
+    return out
+
+
+def rerank_sizes(value: Any, num_candidates: int) -> list[int]:
+    """The reranking sizes to report: the given ones (``"1,2,4"`` or a sequence; "" =
+    the powers of two below N) and always N itself, sorted; each in [1, N]."""
+    n = int(num_candidates)
+    if isinstance(value, str):
+        items = [x for x in value.replace(" ", "").split(",") if x]
+    else:
+        items = list(value)
+    try:
+        sizes = {int(x) for x in items} if items else {2 ** e for e in range(n.bit_length())}
+    except ValueError as e:
+        raise ValueError(f"sample.rerank_sizes must be comma-separated integers, "
+                         f"got {value!r}") from e
+    bad = sorted(k for k in sizes if not 1 <= k <= n)
+    if bad:
+        raise ValueError(f"sample.rerank_sizes {bad} outside [1, num_candidates={n}]")
+    return sorted(sizes | {n})
+
+
+def chunk_bounds(num: int, sizes: Sequence[int], chunk: int) -> list[tuple[int, int]]:
+    """Consecutive candidate ranges ``[lo, hi)`` covering ``0..num-1``: every size ends a
+    range and no range is longer than ``chunk``."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    stops = sorted({k for k in sizes if 0 < k <= num} | set(range(chunk, num, chunk)) | {num})
+    bounds, lo = [], 0
+    for hi in stops:
+        while hi - lo > chunk:  # sizes closer than chunk never get here
+            bounds.append((lo, lo + chunk))
+            lo += chunk
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def clip_score(cosines: np.ndarray) -> float:
+    """The CLIP score of image/caption pairs: mean of ``100 * max(cos, 0)``."""
+    c = np.asarray(cosines, np.float64)
+    return float(np.mean(100.0 * np.maximum(c, 0.0)))
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _rkey(radius: float) -> str:
+    return f"{radius:g}"
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate_best_of(sampler, scorer, captions: Sequence[str], *, num_candidates: int,
+                     sizes: Sequence[int], seed: int = 0, first_caption: int = 0,
+                     batch_size: int = 64, chunk: int = 64,
+                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """For each caption and each reranking size k, the best of its first k candidates.
+
+    Candidate j of caption ``first_caption + i`` is global sample
+    ``(first_caption + i) * num_candidates + j``; candidates ``0 .. max(sizes)-1`` are
+    drawn in `chunk_bounds` ranges, decoded, scored (when ``scorer`` is given; without it
+    only size 1 exists) and folded into a running best (a strictly higher score replaces
+    it, so ties keep the earlier candidate), whose value is recorded whenever a size is
+    reached. Returns arrays (``K = len(sizes)``):
+
+    * ``sizes`` (K,), ``candidate`` / ``sample_index`` (n, K) int64, ``score`` (n, K)
+      float32 (NaN without a scorer), ``tokens`` (n, K, G, G) int32;
+    * ``images`` (M, H, W, 3) uint8: the distinct picked images (a caption whose best
+      candidate is the same for several sizes stores it once), ``image_index`` (n, K) into
+      them, ``image_caption`` (M,) the caption row of each;
+    * ``all_scores`` (n, max(sizes)) every candidate's score (NaN without a scorer).
+    """
+    sizes = sorted(int(k) for k in sizes)
+    n, top = len(captions), sizes[-1]
+    if n == 0:
+        raise ValueError("no captions to sample for")
+    if sizes[0] < 1 or top > num_candidates:
+        raise ValueError(f"sizes {sizes} must lie in [1, num_candidates={num_candidates}]")
+    if scorer is None and top > 1:
+        raise ValueError(f"reranking {top} candidates needs a scorer")
+    rows = np.arange(n)
+    best: dict[str, np.ndarray] | None = None
+    kept: dict[int, dict[str, np.ndarray]] = {}
+    all_scores = np.full((n, top), np.nan, np.float32)
+    for lo, hi in chunk_bounds(top, sizes, chunk):
+        toks = sampler.tokens(list(captions), num_candidates=num_candidates, seed=seed,
+                              batch_size=batch_size,
+                              first_sample_index=first_caption * num_candidates,
+                              candidates=(lo, hi), progress=progress)
+        imgs = sampler.images(toks, batch_size=batch_size)
+        m = hi - lo
+        if scorer is not None:
+            flat = imgs.reshape((-1,) + imgs.shape[2:])
+            scores = np.asarray(scorer.score(flat, [c for c in captions for _ in range(m)]),
+                                np.float32).reshape(n, m)
+            if not np.isfinite(scores).all():
+                raise ValueError("the scorer returned non-finite scores")
+            all_scores[:, lo:hi] = scores
+            j = np.argmax(scores, axis=1)  # the first of equal maxima
+        else:
+            scores = np.full((n, m), np.nan, np.float32)
+            j = np.zeros(n, np.int64)
+        pick = {"candidate": lo + j, "score": scores[rows, j], "tokens": toks[rows, j],
+                "image": imgs[rows, j]}
+        if best is None:
+            best = pick
+        else:
+            better = pick["score"] > best["score"]
+            best = {k: np.where(better.reshape((-1,) + (1,) * (v.ndim - 1)), pick[k], v)
+                    for k, v in best.items()}
+        if hi in sizes:
+            kept[hi] = {k: v.copy() for k, v in best.items()}
+    cand = np.stack([kept[k]["candidate"] for k in sizes], axis=1).astype(np.int64)
+    images, owner = [], []
+    index = np.zeros((n, len(sizes)), np.int64)
+    for i in range(n):
+        seen: dict[int, int] = {}
+        for ki, k in enumerate(sizes):
+            c = int(cand[i, ki])
+            if c not in seen:
+                seen[c] = len(images)
+                images.append(kept[k]["image"][i])
+                owner.append(i)
+            index[i, ki] = seen[c]
+    return {
+        "sizes": np.asarray(sizes, np.int64),
+        "candidate": cand,
+        "sample_index": (first_caption + rows)[:, None].astype(np.int64) * num_candidates + cand,
+        "score": np.stack([kept[k]["score"] for k in sizes], axis=1).astype(np.float32),
+        "tokens": np.stack([kept[k]["tokens"] for k in sizes], axis=1).astype(np.int32),
+        "images": np.stack(images).astype(np.uint8),
+        "image_index": index,
+        "image_caption": np.asarray(owner, np.int64),
+        "all_scores": all_scores,
+    }
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def _resolved(w: np.ndarray, dim: int) -> np.ndarray:
+    """Eigenvalues below the rounding level of a ``dim``-dimensional symmetric eigensolver
+    (``dim * eps * max``) set to zero: the rule `dalle_jax.evals.fid` applies."""
+    top = float(np.max(w, initial=0.0))
+    return np.where(w > dim * np.finfo(np.float64).eps * top, w, 0.0)
+
+
+class FrechetReference:
+    """The reference side of many FIDs (the real images at one blur radius).
+
+    `dalle_jax.evals.fid.frechet_distance` takes ``tr((S1 S2)^(1/2))`` as the sum of the
+    square roots of the eigenvalues of ``A S2 A`` with ``A = S1^(1/2)``. Every reranking
+    size is compared with the same real images, so ``A``, the mean and ``tr(S1)`` are
+    computed once here, and `distance` of a generated set costs one symmetric eigenvalue
+    problem. When the set has fewer rows than feature dimensions (n - 1 < D), its
+    covariance is ``Xc^T Xc / (n-1)`` of the centred rows ``Xc``, and the non-zero
+    eigenvalues of ``A S2 A = (Xc A)^T (Xc A) / (n-1)`` are those of the small
+    ``(Xc A)(Xc A)^T / (n-1)``, an ``n x n`` problem instead of ``D x D``. The result is
+    the same FID (float64; tested against ``frechet_distance``), cheaper.
+    """
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray, sqrt_sigma: np.ndarray):
+        self.mu, self.sigma, self.sqrt_sigma = mu, sigma, sqrt_sigma
+        self.trace = float(np.trace(sigma))
+        self.dim = mu.shape[0]
+
+    @classmethod
+    def from_stats(cls, mu, sigma, count: int | None = None) -> FrechetReference:
+        """From a mean and covariance; ``count``, the number of samples behind them, lets
+        a covariance of fewer samples than dimensions (rank <= count - 1) be
+        factorised in its range only: a fixed Gaussian sketch ``sigma @ G`` with a few
+        more columns than the rank spans that range exactly (up to rounding), and the
+        eigendecomposition of ``sigma`` restricted to it is a small one."""
+        mu = np.asarray(mu, np.float64)
+        sigma = np.asarray(sigma, np.float64)
+        sigma = 0.5 * (sigma + sigma.T)
+        d = mu.shape[0]
+        if count is not None and count - 1 + 16 < d // 2:
+            g = np.random.default_rng(0).standard_normal((d, count - 1 + 16))
+            q, _ = np.linalg.qr(sigma @ g)
+            w, u = np.linalg.eigh(q.T @ sigma @ q)
+            v = q @ u
+        else:
+            w, v = np.linalg.eigh(sigma)
+        return cls(mu, sigma, (v * np.sqrt(_resolved(w, d))) @ v.T)
+
+    @classmethod
+    def from_features(cls, features) -> FrechetReference:
+        x = np.asarray(features, np.float64)
+        n, d = x.shape
+        if n < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {n}")
+        mu = x.mean(axis=0)
+        xc = x - mu
+        sigma = xc.T @ xc / (n - 1)
+        if n - 1 >= d:
+            return cls.from_stats(mu, sigma)
+        # sigma = V diag(s^2 / (n-1)) V^T from the thin SVD of the centred rows.
+        _, sv, vt = np.linalg.svd(xc, full_matrices=False)
+        w = _resolved(sv ** 2 / (n - 1), d)
+        return cls(mu, sigma, (vt.T * np.sqrt(w)) @ vt)
+
+    def distance(self, features) -> float:
+        """FID between these statistics and the ``(n, D)`` features of a generated set."""
+        from dalle_jax.evals import fid
+
+        x = np.asarray(features, np.float64)
+        n = x.shape[0]
+        if x.ndim != 2 or x.shape[1] != self.dim or n < 2:
+            raise ValueError(f"need (n >= 2, {self.dim}) features, got {x.shape}")
+        mu2 = x.mean(axis=0)
+        xc = x - mu2
+        if n - 1 < self.dim:
+            m = xc @ self.sqrt_sigma
+            eig = np.linalg.eigvalsh(m @ m.T / (n - 1))
+        else:
+            m = self.sqrt_sigma @ (xc.T @ xc / (n - 1)) @ self.sqrt_sigma
+            eig = np.linalg.eigvalsh(0.5 * (m + m.T))
+        tr_covmean = float(np.sqrt(_resolved(eig, self.dim)).sum())
+        if not np.isfinite(tr_covmean):  # fid's fallback (diagonal offset)
+            return fid.frechet_distance(self.mu, self.sigma, mu2, xc.T @ xc / (n - 1))
+        diff = self.mu - mu2
+        value = diff @ diff + self.trace + float((xc ** 2).sum()) / (n - 1) - 2.0 * tr_covmean
+        return max(float(value), 0.0)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _save_npz(path: str, **arrays: Any) -> None:
+    """Writes a compressed ``.npz`` through a temporary file renamed into place."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _bar(it: Iterable, total: int, desc: str, enabled: bool = True):
+    import jax
+    from tqdm import tqdm
+
+    if not enabled or jax.process_index() != 0:
+        return it
+    return tqdm(it, total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+
+
+def _is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+_INCEPTION: dict[tuple, tuple] = {}
+
+
+def _load_inception(path: str, resize: str) -> tuple[Any, Any, str]:
+    """``(apply_fn, variables, sha256 of the file)``, kept for the next run in this
+    process: the same `InceptionFn` object lets `inception.extract_features` reuse its
+    compiled program (the network takes seconds to compile, minutes on a busy CPU)."""
+    from dalle_jax.evals import inception
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, resize)
+    if key not in _INCEPTION:
+        _INCEPTION.clear()
+        fn, variables = inception.load_inception(path, resize=resize)
+        _INCEPTION[key] = (fn, variables, _sha256_file(path))
+    return _INCEPTION[key]
+
+
+def _resolve_export(path: str, what: str, field: str) -> str:
+    """An export directory (has meta.json), or the newest ``exports/step_N`` of a run
+    directory."""
+    from dalle_jax.jobs import latest_export
+
+    if not path:
+        raise ValueError(f"eval_coco needs the {what}: set --config.sample.{field}")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return os.path.abspath(path)
+    latest = latest_export(path) if os.path.isdir(path) else None
+    if latest:
+        return os.path.abspath(latest)
+    raise FileNotFoundError(f"sample.{field}={path!r} is neither an export of the {what} "
+                            "(a directory with meta.json) nor a run directory with "
+                            "exports/step_N")
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+class _Evaluation:
+    """One ``eval_coco`` run over ``workdir/eval_coco`` (see the module doc)."""
+
+    def __init__(self, cfg, workdir: str):
+        from dalle_jax.evals import blur, inception
+
+        self.cfg = cfg
+        c, s, m = cfg.coco, cfg.sample, cfg.metrics
+        self.out = os.path.join(os.path.abspath(workdir), OUT_SUBDIR)
+        root = str(c.root)
+        self.annotations = os.path.abspath(os.path.join(root, str(c.annotations)))
+        self.image_dir = os.path.abspath(os.path.join(root, str(c.images)))
+        self.num = int(c.num_captions)
+        if self.num < 1:
+            raise ValueError(f"coco.num_captions must be >= 1, got {self.num}")
+        self.draw_seed = int(c.seed)
+        self.workers = int(c.get("workers", 0))
+        self.n = int(s.num_candidates)
+        if self.n < 1:
+            raise ValueError(f"sample.num_candidates must be >= 1, got {self.n}")
+        self.sizes = rerank_sizes(s.rerank_sizes, self.n)
+        self.scorer_path = str(s.scorer)
+        if self.n > 1 and not self.scorer_path:
+            raise ValueError(f"sample.num_candidates={self.n} candidates per caption need a "
+                             "scorer to rerank them (sample.scorer); without one use "
+                             "num_candidates=1")
+        for name in ("batch_size", "chunk", "shard_captions"):
+            if int(s[name]) < 1:
+                raise ValueError(f"sample.{name} must be >= 1, got {s[name]}")
+        self.batch_size, self.chunk = int(s.batch_size), int(s.chunk)
+        self.shard_captions = int(s.shard_captions)
+        from dalle_jax.sample import sampler as sampler_lib
+
+        self.sampling = sampler_lib.SamplingConfig(
+            temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
+            guidance=float(s.guidance))
+        self.seed = int(s.seed)
+        self.radii = [blur.check_radius(r) for r in parse_floats(m.blur_radii,
+                                                                  "metrics.blur_radii")]
+        self.real_resize = str(m.real_resize)
+        if self.real_resize not in blur.RESAMPLE:
+            raise ValueError(f"metrics.real_resize must be one of {sorted(blur.RESAMPLE)}, "
+                             f"got {self.real_resize!r}")
+        self.inception_resize = str(m.inception_resize)
+        if self.inception_resize not in inception.RESIZE_MODES:
+            raise ValueError(f"metrics.inception_resize must be one of "
+                             f"{inception.RESIZE_MODES}, got {self.inception_resize!r}")
+        self.metric_batch = int(m.batch_size)
+        self.is_splits = int(m.is_splits)
+        if self.metric_batch < 1 or self.is_splits < 1:
+            raise ValueError("metrics.batch_size and metrics.is_splits must be >= 1")
+        self.stats_dir = str(m.real_stats_dir) or os.path.join(self.out, "real_stats")
+        o = cfg.get("overlap")
+        self.overlap_spec = str(o.train_images) if o is not None else ""
+        self.overlap_threshold = float(o.threshold) if o is not None else 0.0
+        self.overlap_chunk = int(o.chunk) if o is not None else 1024
+        self.transformer = _resolve_export(str(s.transformer), "transformer", "transformer")
+        self.dvae = _resolve_export(str(s.dvae), "dVAE", "dvae")
+        self.scorer_dir = (_resolve_export(self.scorer_path, "scorer", "scorer")
+                           if self.scorer_path else None)
+        bpe_path = str(s.bpe)
+        if bpe_path and os.path.isdir(bpe_path):
+            bpe_path = os.path.join(bpe_path, "bpe.model")
+        if not bpe_path or not os.path.isfile(bpe_path):
+            raise FileNotFoundError(f"sample.bpe={str(s.bpe)!r}: the transformer's BPE model "
+                                    "file (or the run directory holding bpe.model) is needed")
+        self.bpe = os.path.abspath(bpe_path)
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ settings
+
+    def settings(self) -> dict[str, Any]:
+        """What the stored draw, real images and samples depend on (``settings.json``)."""
+        from dalle_jax import checkpoint
+        from dalle_jax.tokenizers import params_io
+
+        meta = checkpoint.read_export_meta(self.transformer)
+        dvae_cfg = params_io.read_config(self.dvae)
+        self.image_size = int(dvae_cfg.image_size)
+        scorer = None
+        if self.scorer_dir:
+            smeta = checkpoint.read_export_meta(self.scorer_dir)
+            scorer = {"export": self.scorer_dir, "step": smeta.get("step"),
+                      "source": smeta.get("source"), "identity": smeta.get("identity")}
+        if not os.path.isfile(self.annotations):
+            raise FileNotFoundError(f"COCO captions file {self.annotations!r} does not exist "
+                                    "(expected the raw layout: coco.root/annotations/"
+                                    "captions_val2014.json and coco.root/val2014/)")
+        s = self.sampling
+        out = {
+            # The COCO files are compared by content (the annotation file's hash; the
+            # images are decoded into draw.json and the real shards once), so moving the
+            # dataset does not stop a restart; the exports by path and identity.
+            "coco": {"annotations_sha256": _sha256_file(self.annotations),
+                     "num_captions": self.num, "seed": self.draw_seed},
+            "transformer": {"export": self.transformer, "step": meta.get("step"),
+                            "ema": meta.get("ema"), "identity": meta.get("identity")},
+            "dvae": {"export": self.dvae, "identity": params_io.identity(dvae_cfg)},
+            "bpe_model": {"path": self.bpe, "sha256": _sha256_file(self.bpe)},
+            "scorer": scorer,
+            "sampling": {"seed": self.seed, "num_candidates": self.n,
+                         "rerank_sizes": self.sizes, "temperature": s.temperature,
+                         "top_k": s.top_k, "top_p": s.top_p, "guidance": s.guidance,
+                         "dtype": str(self.cfg.precision.compute_dtype)},
+            "layout": {"shard_captions": self.shard_captions, "image_size": self.image_size,
+                       "real_resize": self.real_resize},
+        }
+        return json.loads(json.dumps(out, default=str))
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        from dalle_jax import checkpoint
+
+        path = os.path.join(self.out, SETTINGS_FILE)
+        if not os.path.exists(path):
+            return
+        old = _read_json(path)
+        if old != settings:
+            diff = checkpoint.diff_dicts(old, settings, names=("saved", "now"))
+            raise FileExistsError(
+                f"{self.out} holds an evaluation made with other settings ("
+                f"{'; '.join(diff[:8])}{'; ...' if len(diff) > 8 else ''}); never mixing "
+                "the two, nothing was changed: use another workdir, or remove that directory "
+                "to start over")
+
+    # ------------------------------------------------------------------ draw
+
+    def draw(self) -> dict[str, Any]:
+        """The caption draw (``draw.json``, made once: the image scan decodes every image)."""
+        path = os.path.join(self.out, DRAW_FILE)
+        key = {"annotations_sha256": self.settings_["coco"]["annotations_sha256"],
+               "num_captions": self.num, "seed": self.draw_seed}
+        if os.path.exists(path):
+            d = _read_json(path)
+            if d.get("key") == key:
+                return d
+            raise FileExistsError(f"{path} was drawn with other settings; remove {self.out} "
+                                  "to start over")
+        t0 = time.time()
+        images, counts = read_annotations(self.annotations)
+        if not os.path.isdir(self.image_dir):
+            raise FileNotFoundError(f"COCO image folder {self.image_dir!r} does not exist")
+        usable, skipped = check_images(images, self.image_dir, workers=self.workers)
+        reasons = Counter(x["reason"] for x in skipped)
+        if len(usable) < self.num:
+            raise ValueError(
+                f"{self.annotations} has {len(usable)} usable captions of distinct images "
+                f"({counts['images_listed']} images listed, {len(skipped)} skipped: "
+                f"{dict(sorted(reasons.items()))}, {counts['images_without_captions']} without "
+                f"a caption), fewer than coco.num_captions={self.num}")
+        captions = draw_captions(usable, self.num, self.draw_seed)
+        counts.update(images_usable=len(usable), images_skipped=len(skipped),
+                      skipped_by_reason=dict(sorted(reasons.items())))
+        d = {"key": key, "counts": counts, "skipped": skipped, "captions": captions,
+             "images_sha256": _sha256_json([(c["image_id"], c["file_name"])
+                                            for c in captions])}
+        if _is_main():
+            _write_json(path, d)
+        self.timings["draw"] = round(time.time() - t0, 2)
+        return d
+
+    # ------------------------------------------------------------------ shards
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        k = self.shard_captions
+        return [(lo, min(lo + k, self.num)) for lo in range(0, self.num, k)]
+
+    def real_path(self, s: int) -> str:
+        return os.path.join(self.out, "real", f"real_{s:05d}.npz")
+
+    def gen_path(self, s: int) -> str:
+        return os.path.join(self.out, "generated", f"gen_{s:05d}.npz")
+
+    def make_real_shards(self, captions: list[dict]) -> None:
+        """Resized, centre-cropped real images per shard (missing shards only)."""
+        from dalle_jax.evals import blur
+
+        todo = [s for s in range(len(self.ranges)) if not os.path.exists(self.real_path(s))]
+        if not todo or not _is_main():
+            _barrier("eval_coco_real")
+            return
+        t0 = time.time()
+
+        def load(entry):
+            img = _load_image(os.path.join(self.image_dir, entry["file_name"]))
+            return blur.resize_center_crop(img, self.image_size, self.real_resize)
+
+        with concurrent.futures.ThreadPoolExecutor(_workers(self.workers)) as pool:
+            for s in _bar(todo, len(todo), "real image shards"):
+                lo, hi = self.ranges[s]
+                images = np.stack(list(pool.map(load, captions[lo:hi])))
+                _save_npz(self.real_path(s), images=images, caption_index=np.arange(lo, hi),
+                          uid=np.asarray(uuid.uuid4().hex))
+        self.timings["real_images"] = round(time.time() - t0, 2)
+        _barrier("eval_coco_real")
+
+    def generate(self, sampler, scorer, captions: list[dict]) -> None:
+        """Samples the missing shards, in order (each written as soon as it is done)."""
+        # Every process lists the same missing shards (process 0 writes them).
+        _barrier("eval_coco_generate")
+        todo = [s for s in range(len(self.ranges)) if not os.path.exists(self.gen_path(s))]
+        if not todo:
+            return
+        import jax
+        from tqdm import tqdm
+
+        total = sum(self.ranges[s][1] - self.ranges[s][0] for s in todo) * self.sizes[-1]
+        bar = tqdm(total=total, desc="sampling", unit="img", dynamic_ncols=True, leave=False,
+                   disable=jax.process_index() != 0)
+        t0 = time.time()
+        try:
+            for s in todo:
+                lo, hi = self.ranges[s]
+                out = generate_best_of(
+                    sampler, scorer, [c["caption"] for c in captions[lo:hi]],
+                    num_candidates=self.n, sizes=self.sizes, seed=self.seed, first_caption=lo,
+                    batch_size=self.batch_size, chunk=self.chunk, progress=bar.update)
+                if _is_main():
+                    _save_npz(self.gen_path(s), caption_index=np.arange(lo, hi),
+                              num_images=np.int64(len(out["images"])),
+                              uid=np.asarray(uuid.uuid4().hex), **out)
+                logging.info("eval_coco: shard %d (captions %d..%d) written", s, lo, hi - 1)
+        finally:
+            bar.close()
+        self.timings["sampling"] = round(time.time() - t0, 2)
+        _barrier("eval_coco_generated")
+
+    def gen_meta(self, s: int) -> dict[str, np.ndarray]:
+        """A generated shard's arrays other than the images (cached in memory)."""
+        if s not in self._gen_meta:
+            with np.load(self.gen_path(s)) as z:
+                self._gen_meta[s] = {k: z[k] for k in z.files if k != "images"}
+                sizes = self._gen_meta[s]["sizes"].tolist()
+            if sizes != self.sizes or len(self._gen_meta[s]["caption_index"]) != \
+                    self.ranges[s][1] - self.ranges[s][0]:
+                raise ValueError(f"{self.gen_path(s)} does not hold the shard this evaluation "
+                                 "expects; remove it to have it sampled again")
+        return self._gen_meta[s]
+
+    def real_uid(self, s: int) -> str:
+        if s not in self._real_uid:
+            with np.load(self.real_path(s)) as z:
+                self._real_uid[s] = str(z["uid"])
+        return self._real_uid[s]
+
+    def images_of(self, kind: str, s: int) -> np.ndarray:
+        path = self.real_path(s) if kind == "real" else self.gen_path(s)
+        with np.load(path) as z:
+            return z["images"]
+
+    def rows_of(self, kind: str, s: int) -> int:
+        if kind == "real":
+            lo, hi = self.ranges[s]
+            return hi - lo
+        return int(self.gen_meta(s)["num_images"])
+
+    def uid_of(self, kind: str, s: int) -> str:
+        return self.real_uid(s) if kind == "real" else str(self.gen_meta(s)["uid"])
+
+    # ------------------------------------------------------------------ features
+
+    def features(self, sources: list[tuple[int, Callable[[], np.ndarray]]], desc: str
+                 ) -> dict[str, np.ndarray]:
+        """Inception features of the rows of ``sources`` (``(rows, load)`` pairs, in
+        order), over the mesh; with several processes each extracts a contiguous share."""
+        import jax
+
+        from dalle_jax.evals import inception
+
+        total = sum(n for n, _ in sources)
+        mesh = self.mesh
+        nproc = jax.process_count() if mesh is not None else 1
+        if total < nproc:
+            mesh, nproc = None, 1
+        p = jax.process_index() if nproc > 1 else 0
+        lo, hi = total * p // nproc, total * (p + 1) // nproc
+
+        def rows():
+            start = 0
+            for count, load in sources:
+                a, b = max(lo, start), min(hi, start + count)
+                if a < b:
+                    yield load()[a - start:b - start]
+                start += count
+
+        return inception.extract_features(self.inception_fn, self.inception_vars, rows(),
+                                          self.metric_batch, mesh, desc=desc)
+
+    def _cache_path(self, what: str, kind: str, s: int, radius: float) -> str:
+        return os.path.join(self.out, "cache", f"{what}_{kind}_{s:05d}_r{_rkey(radius)}.npz")
+
+    def _cache_key(self, kind: str, s: int, radius: float, key_extra: dict) -> str:
+        return json.dumps(dict(key_extra, uid=self.uid_of(kind, s), radius=radius),
+                          sort_keys=True)
+
+    def _cache_valid(self, what: str, kind: str, s: int, radius: float,
+                     key_extra: dict) -> bool:
+        path = self._cache_path(what, kind, s, radius)
+        if not os.path.exists(path):
+            return False
+        with np.load(path) as z:
+            return "key" in z.files and str(z["key"]) == self._cache_key(kind, s, radius,
+                                                                         key_extra)
+
+    def _cached(self, what: str, kind: str, shards: Sequence[int], radius: float,
+                key_extra: dict, compute: Callable[[list[int]], list[dict[str, np.ndarray]]]
+                ) -> Callable[[int], dict[str, np.ndarray]]:
+        """Per-shard cached arrays: ``compute(missing shards)`` fills the missing ones; a
+        cache is valid for the shard file it was made from (its uid) and ``key_extra``."""
+        keys = {s: self._cache_key(kind, s, radius, key_extra) for s in shards}
+
+        def valid(s):
+            return self._cache_valid(what, kind, s, radius, key_extra)
+
+        todo = [s for s in shards if not valid(s)]
+        # Shards go in groups of about CACHE_GROUP_ROWS images, so memory stays bounded
+        # and an interrupted run keeps what it has computed.
+        groups: list[list[int]] = []
+        rows = CACHE_GROUP_ROWS
+        for s in todo:
+            n = self.rows_of(kind, s)
+            if rows + n > CACHE_GROUP_ROWS:
+                groups.append([])
+                rows = 0
+            groups[-1].append(s)
+            rows += n
+        for group in groups:
+            results = compute(group)
+            if _is_main():
+                for s, arrays in zip(group, results):
+                    _save_npz(self._cache_path(what, kind, s, radius),
+                              key=np.asarray(keys[s]), **arrays)
+        if todo:
+            _barrier(f"eval_coco_cache_{what}_{kind}")
+
+        def load(s):
+            with np.load(self._cache_path(what, kind, s, radius)) as z:
+                return {k: z[k] for k in z.files if k != "key"}
+
+        return load
+
+    def inception_cache(self, kind: str, radius: float, shards: Sequence[int] | None = None):
+        """``load(shard) -> {"pool", "logits_unbiased"}`` of a shard's (distinct) images
+        blurred at ``radius``."""
+        from dalle_jax.evals import blur
+
+        shards = list(range(len(self.ranges))) if shards is None else list(shards)
+
+        def compute(todo):
+            counts = [self.rows_of(kind, s) for s in todo]
+            sources = [(n, lambda s=s: blur.gaussian_blur(self.images_of(kind, s), radius))
+                       for s, n in zip(todo, counts)]
+            f = self.features(sources, f"inception {kind} r={_rkey(radius)}")
+            out, start = [], 0
+            for n in counts:
+                out.append({k: np.asarray(f[k][start:start + n], np.float32)
+                            for k in ("pool", "logits_unbiased")})
+                start += n
+            return out
+
+        return self._cached("inception", kind, shards, radius, self.inception_key, compute)
+
+    def clip_cache(self, kind: str, radius: float, captions: list[dict]):
+        """``load(shard) -> {"cos"}``: the scorer's cosine of each of a shard's (distinct)
+        images blurred at ``radius`` with its caption."""
+        from dalle_jax.evals import blur
+
+        def compute(todo):
+            # One scorer call per group of shards (its batches stay full).
+            images, caps, counts = [], [], []
+            for s in todo:
+                lo, _ = self.ranges[s]
+                images.append(blur.gaussian_blur(self.images_of(kind, s), radius))
+                rows = (np.arange(len(images[-1])) if kind == "real"
+                        else self.gen_meta(s)["image_caption"])
+                caps += [captions[lo + int(i)]["caption"] for i in rows]
+                counts.append(len(rows))
+            cos = np.asarray(self.scorer.score(np.concatenate(images), caps), np.float32)
+            bounds = np.cumsum([0] + counts)
+            return [{"cos": cos[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
+
+        return self._cached("clip", kind, range(len(self.ranges)), radius,
+                            {"scorer": _sha256_json(self.settings_["scorer"])}, compute)
+
+    # ------------------------------------------------------------------ metrics
+
+    def real_reference(self, radius: float, draw: dict
+                       ) -> tuple[FrechetReference, dict[str, Any]]:
+        """The real images' side of the FIDs at ``radius`` and their IS.
+
+        From the per-shard feature caches when they are all there (cheap), else from the
+        statistics file (`fid.save_stats`, in ``real_stats_dir``, keyed by the draw, the
+        radius, the resizes, the image size and the Inception weights), else the
+        features are extracted. The statistics file is written whenever it is missing,
+        so later evaluations of the same draw (other models, other workdirs sharing the
+        directory) reuse it.
+        """
+        from dalle_jax.evals import fid
+
+        key = {"dataset": "coco_captions_val2014", "draw_images_sha256": draw["images_sha256"],
+               "num_images": self.num, "blur_radius": radius, "real_resize": self.real_resize,
+               "image_size": self.image_size, "inception_resize": self.inception_resize,
+               "weights_sha256": self.inception_key["weights_sha256"]}
+        path = os.path.join(self.stats_dir, f"coco_val2014_{_sha256_json(key)[:16]}.npz")
+        cached = all(self._cache_valid("inception", "real", s, radius, self.inception_key)
+                     for s in range(len(self.ranges)))
+        meta = None
+        if os.path.exists(path):
+            mu, sigma, meta = fid.load_stats(path, resize=self.inception_resize)
+            if meta.get("key") != key:
+                logging.warning("%s has another key; recomputing it", path)
+                meta = None
+            elif not cached:
+                return FrechetReference.from_stats(mu, sigma, int(meta["count"])), {
+                    "is_mean": meta["is_mean"], "is_std": meta["is_std"],
+                    "is_splits": meta["is_splits"], "stats_file": path, "count": self.num,
+                    "from": "statistics file"}
+        load = self.inception_cache("real", radius)
+        parts = [load(s) for s in range(len(self.ranges))]
+        ref = FrechetReference.from_features(np.concatenate([f["pool"] for f in parts]))
+        logits = np.concatenate([f["logits_unbiased"] for f in parts])
+        splits = min(self.is_splits, len(logits))
+        is_mean, is_std = fid.inception_score(logits, splits=splits)
+        if meta is None and _is_main():
+            os.makedirs(self.stats_dir, exist_ok=True)
+            fid.save_stats(path, ref.mu, ref.sigma, count=len(logits),
+                           resize=self.inception_resize, key=key, is_mean=is_mean,
+                           is_std=is_std, is_splits=splits)
+        return ref, {"is_mean": is_mean, "is_std": is_std, "is_splits": splits,
+                     "stats_file": path, "count": self.num, "from": "features"}
+
+    def metrics_at(self, radius: float, draw: dict, keep: np.ndarray | None = None
+                   ) -> dict[str, Any]:
+        """FID and IS per reranking size at ``radius`` (``keep``: only these captions,
+        real images and samples alike)."""
+        from dalle_jax.evals import fid
+
+        shards = range(len(self.ranges))
+        ref = None
+        if keep is None:
+            ref, real = self.real_reference(radius, draw)
+        else:
+            load_r = self.inception_cache("real", radius)
+            parts = [load_r(s) for s in shards]
+            pool = np.concatenate([f["pool"][keep[lo:hi]]
+                                   for f, (lo, hi) in zip(parts, self.ranges)])
+            logits_r = np.concatenate([f["logits_unbiased"][keep[lo:hi]]
+                                       for f, (lo, hi) in zip(parts, self.ranges)])
+            real = {"count": len(pool), "is_mean": None, "is_std": None}
+            if len(pool) >= 2:
+                ref = FrechetReference.from_features(pool)
+                real["is_splits"] = min(self.is_splits, len(logits_r))
+                real["is_mean"], real["is_std"] = fid.inception_score(
+                    logits_r, splits=real["is_splits"])
+        load_g = self.inception_cache("gen", radius)
+        caches = [load_g(s) for s in shards]
+        gen = {}
+        for ki, k in enumerate(self.sizes):
+            pool, logits = [], []
+            for s, f in zip(shards, caches):
+                lo, hi = self.ranges[s]
+                idx = self.gen_meta(s)["image_index"][:, ki]
+                if keep is not None:
+                    idx = idx[keep[lo:hi]]
+                pool.append(f["pool"][idx])
+                logits.append(f["logits_unbiased"][idx])
+            pool, logits = np.concatenate(pool), np.concatenate(logits)
+            entry: dict[str, Any] = {"count": len(pool), "fid": None, "is_mean": None,
+                                     "is_std": None}
+            if len(pool) >= 2 and ref is not None:
+                entry["fid"] = ref.distance(pool)
+            if len(pool) >= 1:
+                entry["is_splits"] = min(self.is_splits, len(logits))
+                entry["is_mean"], entry["is_std"] = fid.inception_score(
+                    logits, splits=entry["is_splits"])
+            gen[str(k)] = entry
+        return {"real": real, "generated": gen}
+
+    def clip_at(self, radius: float, captions: list[dict]) -> tuple[float, dict[str, float]]:
+        """CLIP scores at ``radius``: of the real images and of each size's picks (at
+        radius 0 the picks' scores are the ones stored when they were reranked)."""
+        shards = range(len(self.ranges))
+        real = self.clip_cache("real", radius, captions)
+        real_cos = np.concatenate([real(s)["cos"] for s in shards])
+        per_size: list[list[np.ndarray]] = [[] for _ in self.sizes]
+        stored = radius == 0 and all(np.isfinite(self.gen_meta(s)["score"]).all()
+                                     for s in shards)
+        gen = None if stored else self.clip_cache("gen", radius, captions)
+        for s in shards:
+            meta = self.gen_meta(s)
+            for ki in range(len(self.sizes)):
+                per_size[ki].append(meta["score"][:, ki] if stored
+                                    else gen(s)["cos"][meta["image_index"][:, ki]])
+        return clip_score(real_cos), {str(k): clip_score(np.concatenate(v))
+                                      for k, v in zip(self.sizes, per_size)}
+
+    # ------------------------------------------------------------------ overlap
+
+    def overlap(self, draw: dict, metrics_available: bool) -> dict[str, Any] | None:
+        """The training-set overlap check (module doc, 7)."""
+        if not self.overlap_spec:
+            return None
+        from dalle_jax.data import imageio
+        from dalle_jax.evals import blur
+
+        paths = list_images(self.overlap_spec)
+        out: dict[str, Any] = {"train_images": self.overlap_spec, "listed": len(paths),
+                               "threshold": self.overlap_threshold,
+                               "feature": "inception pool (2048), cosine similarity"}
+        if not paths:
+            raise ValueError(f"overlap.train_images={self.overlap_spec!r} names no images")
+        if not metrics_available:
+            out["status"] = "skipped: needs the Inception weights (see inception.message)"
+            return out
+        t0 = time.time()
+        load_r = self.inception_cache("real", 0.0)
+        val = np.concatenate([load_r(s)["pool"] for s in range(len(self.ranges))])
+        val = val / np.maximum(np.linalg.norm(val, axis=1, keepdims=True), 1e-12)
+        best = np.full(len(val), -np.inf, np.float32)
+        nearest = np.full(len(val), -1, np.int64)
+        skipped: Counter = Counter()
+        used_paths: list[str] = []
+
+        def load(path):
+            if not os.path.isfile(path):
+                return None, "missing"
+            try:
+                return blur.resize_center_crop(_load_image(path), self.image_size,
+                                               self.real_resize), None
+            except imageio.BadImage as e:
+                return None, e.reason
+
+        with concurrent.futures.ThreadPoolExecutor(_workers(self.workers)) as pool:
+            for c0 in range(0, len(paths), self.overlap_chunk):
+                chunk = paths[c0:c0 + self.overlap_chunk]
+                loaded = list(pool.map(load, chunk))
+                ok = [(p, im) for p, (im, why) in zip(chunk, loaded) if im is not None]
+                skipped.update(why for im, why in loaded if im is None)
+                if not ok:
+                    continue
+                arr = np.stack([im for _, im in ok])
+                feats = self.features([(len(arr), lambda arr=arr: arr)], "inception train")
+                t = feats["pool"] / np.maximum(
+                    np.linalg.norm(feats["pool"], axis=1, keepdims=True), 1e-12)
+                sim = val @ t.T
+                j = np.argmax(sim, axis=1)
+                top = sim[np.arange(len(val)), j]
+                better = top > best
+                best = np.where(better, top, best)
+                nearest = np.where(better, len(used_paths) + j, nearest)
+                used_paths += [p for p, _ in ok]
+        out.update(used=len(used_paths), skipped=dict(sorted(skipped.items())))
+        if not used_paths:
+            out["status"] = "no usable training images"
+            return out
+        flagged = best >= self.overlap_threshold
+        caps = draw["captions"]
+        order = np.argsort(-best, kind="stable")[:20]
+        out.update(
+            status="done", flagged=int(flagged.sum()), fraction=float(flagged.mean()),
+            max_similarity={"mean": float(best.mean()), "median": float(np.median(best)),
+                            "p99": float(np.quantile(best, 0.99)), "max": float(best.max())},
+            most_similar=[{"caption_index": int(i), "file_name": caps[i]["file_name"],
+                           "train_image": used_paths[nearest[i]], "similarity": float(best[i])}
+                          for i in order],
+            radius=self.radii[0])
+        out["without"] = self.metrics_at(self.radii[0], draw, keep=~flagged)
+        self.timings["overlap"] = round(time.time() - t0, 2)
+        return out
+
+    # ------------------------------------------------------------------ report
+
+    def plots(self, results: dict[str, Any]) -> dict[str, str]:
+        """The FID / IS plots; one without a single finite value (e.g. a FID of one
+        caption) is left out with a warning."""
+        from dalle_jax.evals import plots
+
+        out: dict[str, str] = {}
+
+        def draw(name, path, series, **kw):
+            try:
+                out[name] = plots.line_plot(path, series, **kw)
+            except ValueError as e:
+                logging.warning("eval_coco: plot %s skipped: %s", name, e)
+
+        metrics = results["metrics"]
+        radii = self.radii
+        for name, label in (("fid", "FID"), ("is_mean", "IS")):
+            series = [plots.Series(f"best of {k}", radii,
+                                   [metrics[_rkey(r)]["generated"][str(k)][name] for r in radii])
+                      for k in self.sizes]
+            short = "is" if name == "is_mean" else name
+            draw(f"{short}_vs_blur", os.path.join(self.out, f"{short}_vs_blur.png"), series,
+                 title=f"{label} against blur radius (MS-COCO, {self.num} captions)",
+                 xlabel="Gaussian blur radius (pixels)", ylabel=label, x_ticks=radii)
+            r0 = radii[0]
+            series = [plots.Series(f"blur {_rkey(r0)}", self.sizes,
+                                   [metrics[_rkey(r0)]["generated"][str(k)][name]
+                                    for k in self.sizes])]
+            draw(f"{short}_vs_rerank", os.path.join(self.out, f"{short}_vs_rerank.png"),
+                 series, title=f"{label} against reranking size (blur {_rkey(r0)})",
+                 xlabel="candidates reranked (best of k)", ylabel=label,
+                 x_ticks=self.sizes, x_log2=True)
+        return out
+
+    def clip_plot(self, clip: dict[str, Any]) -> str:
+        from dalle_jax.evals import plots
+
+        r0 = self.radii[0]
+        return plots.line_plot(
+            os.path.join(self.out, "clip_vs_rerank.png"),
+            [plots.Series("samples", self.sizes,
+                          [clip[_rkey(r0)]["generated"][str(k)] for k in self.sizes]),
+             plots.Series("real images", self.sizes,
+                          [clip[_rkey(r0)]["real"]] * len(self.sizes))],
+            title=f"CLIP score against reranking size (blur {_rkey(r0)})",
+            xlabel="candidates reranked (best of k)", ylabel="CLIP score",
+            x_ticks=self.sizes, x_log2=True)
+
+    def sample_grid(self, captions: list[dict]) -> str:
+        from dalle_jax import visualize
+
+        meta = self.gen_meta(0)
+        images = self.images_of("gen", 0)
+        rows = min(8, len(meta["caption_index"]))
+        picked = images[meta["image_index"][:rows]].reshape((-1,) + images.shape[1:])
+        labels = [f"best of {k}" + (f": {captions[i]['caption']}" if ki == 0 else "")
+                  for i in range(rows) for ki, k in enumerate(self.sizes)]
+        scale = max(1, 96 // self.image_size)
+        return visualize.save_grid(os.path.join(self.out, "samples.png"), picked, labels,
+                                   ncols=len(self.sizes), scale=scale, caption_lines=4)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict[str, Any]:
+        from dalle_jax import checkpoint, sharding
+        from dalle_jax.evals import inception
+        from dalle_jax.rerank import scorer as scorer_lib
+        from dalle_jax.sample import sampler as sampler_lib
+        from dalle_jax.tokenizers import bpe
+
+        t_start = time.time()
+        self._gen_meta: dict[int, dict[str, np.ndarray]] = {}
+        self._real_uid: dict[int, str] = {}
+        self.settings_ = self.settings()
+        self.check_settings(self.settings_)
+        # The Inception weights are looked up first, so a missing file is reported before
+        # hours of sampling, not after (the job still samples without them).
+        weights, message = None, None
+        try:
+            weights = inception.weights_path(str(self.cfg.metrics.inception_weights) or None)
+        except FileNotFoundError as e:
+            message = str(e)
+            print(f"eval_coco: FID and IS will be skipped: {message}")
+            logging.warning("eval_coco: %s", message)
+        os.makedirs(self.out, exist_ok=True)
+        draw = self.draw()
+        captions = draw["captions"]
+        self.ranges = self.shard_ranges()
+        self.mesh = sharding.make_mesh(self.cfg.mesh)
+        rules = str(self.cfg.sharding_rules)
+        # The parts are checked against each other before settings.json pins them: a
+        # wrong BPE file or dVAE, or a broken scorer export, is fixed without starting over.
+        ident = self.settings_["transformer"]["identity"] or {}
+        if ident.get("kind") != "transformer":
+            raise ValueError(f"{self.transformer!r} is not a transformer export (identity "
+                             f"kind {ident.get('kind')!r})")
+        tokenizer = bpe.TextTokenizer(self.bpe)
+        tokenizer.check_identity(ident["tokenizer"])
+        diff = checkpoint.diff_dicts(ident["dvae"], self.settings_["dvae"]["identity"])
+        if diff:
+            raise ValueError(f"dVAE {self.dvae!r} is not the one the transformer was trained "
+                             "on: " + "; ".join(diff))
+        self.scorer = (scorer_lib.load_scorer(self.scorer_dir, batch_size=self.batch_size)
+                       if self.scorer_dir else None)
+        if _is_main() and not os.path.exists(os.path.join(self.out, SETTINGS_FILE)):
+            _write_json(os.path.join(self.out, SETTINGS_FILE), self.settings_)
+        text_len = int(ident["model"]["text_len"])
+        _, info = tokenizer.encode_batch_slots([c["caption"] for c in captions],
+                                               text_len=text_len)
+        truncated = int(np.asarray(info["truncated"]).sum())
+        if truncated:
+            print(f"eval_coco: {truncated} of {len(captions)} captions are longer than the "
+                  f"model's {text_len} text slots and are truncated")
+
+        self.make_real_shards(captions)
+        if not all(os.path.exists(self.gen_path(s)) for s in range(len(self.ranges))):
+            # The transformer is loaded only when there is something left to sample.
+            sampler = sampler_lib.Sampler.load(
+                self.transformer, self.bpe, self.dvae, sampling=self.sampling,
+                dtype=str(self.cfg.precision.compute_dtype), mesh=self.mesh, rules=rules)
+            self.generate(sampler, self.scorer, captions)
+            del sampler
+
+        counts = dict(draw["counts"], captions=self.num,
+                      generated_images=self.num * self.sizes[-1],
+                      skipped_images=dict(draw["counts"]["skipped_by_reason"],
+                                          total=draw["counts"]["images_skipped"]),
+                      truncated_captions=truncated)
+        results: dict[str, Any] = {
+            "settings": self.settings_,
+            "coco_files": {"annotations": self.annotations, "images": self.image_dir},
+            "metric_settings": {
+                "blur_radii": self.radii, "blur": "PIL ImageFilter.GaussianBlur(radius) on "
+                "both real and generated images at the model's image size",
+                "real_resize": f"shorter side to {self.image_size} with PIL "
+                               f"{self.real_resize}, centre crop",
+                "inception_resize": self.inception_resize, "is_splits": self.is_splits,
+                "inception_weights": weights, "real_stats_dir": self.stats_dir,
+                "clip_score": "mean over captions of 100 * max(cosine, 0) of the scorer's "
+                              "image and caption embeddings",
+                "overlap": {"train_images": self.overlap_spec,
+                            "threshold": self.overlap_threshold} if self.overlap_spec else None},
+            "counts": counts, "rerank_sizes": self.sizes, "blur_radii": self.radii,
+            "inception": {"available": False, "weights": weights, "message": message},
+            "metrics": {_rkey(r): {"real": {"is_mean": None, "is_std": None},
+                                   "generated": {str(k): {"fid": None, "is_mean": None,
+                                                          "is_std": None}
+                                                 for k in self.sizes}}
+                        for r in self.radii},
+            "overlap": None, "plots": {},
+        }
+        if weights is not None:
+            try:
+                self.inception_fn, self.inception_vars, weights_sha = _load_inception(
+                    weights, self.inception_resize)
+            except ImportError as e:
+                message = str(e)
+                weights = None
+                results["inception"]["message"] = message
+                print(f"eval_coco: FID and IS skipped: {message}")
+        if weights is not None:
+            t0 = time.time()
+            results["inception"] = {"available": True, "weights": weights, "message": None}
+            self.inception_key = {"weights_sha256": weights_sha,
+                                  "resize": self.inception_resize,
+                                  "extractor": inception.EXTRACTOR_NAME}
+            for r in self.radii:
+                results["metrics"][_rkey(r)] = self.metrics_at(r, draw)
+            self.timings["inception_metrics"] = round(time.time() - t0, 2)
+        clip: dict[str, Any] = {}
+        if self.scorer is not None:
+            t0 = time.time()
+            for r in self.radii:
+                real, gen = self.clip_at(r, captions)
+                clip[_rkey(r)] = {"real": real, "generated": gen}
+                m = results["metrics"][_rkey(r)]
+                m["real"]["clip_score"] = real
+                for k, v in gen.items():
+                    m["generated"][k]["clip_score"] = v
+            self.timings["clip_score"] = round(time.time() - t0, 2)
+        else:
+            for r in self.radii:
+                m = results["metrics"][_rkey(r)]
+                m["real"]["clip_score"] = None
+                for k in m["generated"]:
+                    m["generated"][k]["clip_score"] = None
+            results["clip_score_note"] = "not available: no scorer (sample.scorer)"
+        results["overlap"] = self.overlap(draw, weights is not None)
+        if results["overlap"] and results["overlap"].get("status") == "done":
+            results["overlap"]["with"] = results["metrics"][_rkey(self.radii[0])]
+        if _is_main():
+            if weights is not None:
+                results["plots"] = self.plots(results)
+            else:
+                results["plots_note"] = "skipped: FID and IS need the Inception weights"
+            if clip:
+                results["plots"]["clip_vs_rerank"] = self.clip_plot(clip)
+            results["plots"]["samples"] = self.sample_grid(captions)
+        self.timings["total"] = round(time.time() - t_start, 2)
+        results["seconds"] = self.timings
+        if _is_main():
+            path = os.path.join(self.out, RESULTS_FILE)
+            if os.path.exists(path):
+                old = _read_json(path)
+                if old.get("metric_settings") != json.loads(json.dumps(
+                        results["metric_settings"], default=str)):
+                    os.replace(path, os.path.join(
+                        self.out, time.strftime("results.%Y%m%d-%H%M%S.json")))
+            _write_json(path, results)
+            _print_summary(results, path)
+        return results
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _print_summary(results: dict[str, Any], path: str) -> None:
+    skipped = dict(results["counts"]["skipped_images"])
+    total = skipped.pop("total")
+    lines = [f"eval_coco: {results['counts']['captions']} captions, "
+             f"{results['counts']['generated_images']} images generated, "
+             f"{total} COCO images skipped {skipped}"]
+    for r, m in results["metrics"].items():
+        for k, g in m["generated"].items():
+            lines.append(f"  blur {r:>4} best of {k:>4}: FID {_fmt(g.get('fid'))}  IS "
+                         f"{_fmt(g.get('is_mean'))} ± {_fmt(g.get('is_std'))}  CLIP "
+                         f"{_fmt(g.get('clip_score'))}")
+    if not results["inception"]["available"]:
+        lines.append("  FID / IS not computed: " + str(results["inception"]["message"]))
+    o = results.get("overlap")
+    if o and o.get("status") == "done":
+        lines.append(f"  overlap with training images: {o['flagged']} of "
+                     f"{results['counts']['captions']} ({100 * o['fraction']:.1f}%) at cosine "
+                     f">= {o['threshold']}")
+    lines.append(f"  results: {path}")
+    print("\n".join(lines))
+
+
+def eval_coco(cfg, workdir: str) -> None:
+    """The MS-COCO zero-shot evaluation job (`dalle_jax.evals.coco`): draws captions,
+    samples and reranks, and reports FID / IS at several blur radii and reranking sizes,
+    the CLIP score and optionally the training-set overlap, in
+    ``workdir/eval_coco/results.json`` with plots next to it. Resumable."""
+    _Evaluation(cfg, workdir).run()
