@@ -83,13 +83,15 @@ class ShapesCheckerScorer:
         return {"kind": "shapes_checker"}
 
 
-def _encode_images(params, pixels, *, model):
+def encode_images(params, pixels, *, model):
+    """Unit-norm image embeddings of preprocessed pixels (jittable with ``model`` bound)."""
     from dalle_jax.models import clip
 
     return clip.normalize(model.apply({"params": params}, pixels, method=model.encode_image))
 
 
-def _encode_texts(params, tokens, eot, *, model):
+def encode_texts(params, tokens, eot, *, model):
+    """Unit-norm caption embeddings of tokens pooled at ``eot`` (jittable)."""
     from dalle_jax.models import clip
 
     return clip.normalize(model.apply({"params": params}, tokens, eot,
@@ -134,8 +136,8 @@ class ClipScorer:
         self._model = clip.CLIP(config)
         self._text_cache: dict[str, np.ndarray] = {}
         self._warned: set[str] = set()
-        image_fn = functools.partial(_encode_images, model=self._model)
-        text_fn = functools.partial(_encode_texts, model=self._model)
+        image_fn = functools.partial(encode_images, model=self._model)
+        text_fn = functools.partial(encode_texts, model=self._model)
         self.mesh = mesh
         if mesh is None:
             self.params = params

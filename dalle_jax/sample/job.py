@@ -72,9 +72,8 @@ def default_keep_rows(grid: int) -> int:
 def load_completion_image(path: str, size: int) -> tuple[np.ndarray, str | None]:
     """``(uint8 (size, size, 3) image, note)``: the file, resized so its shorter side is
     ``size`` (bicubic) and centre-cropped when it is not already ``size`` x ``size``."""
-    from PIL import Image
-
     from dalle_jax.data import imageio
+    from dalle_jax.evals import blur
 
     try:
         img = imageio.load_rgb(path).image
@@ -83,14 +82,9 @@ def load_completion_image(path: str, size: int) -> tuple[np.ndarray, str | None]
     w, h = img.size
     note = None
     if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
         note = (f"{path}: {w}x{h} image resized and centre-cropped to {size}x{size} (the "
                 "dVAE's input size)")
-    return np.asarray(img, np.uint8), note
+    return blur.resize_center_crop(img, size, "bicubic"), note
 
 
 def _slug(text: str, n: int = 40) -> str:

@@ -518,17 +518,6 @@ def make_task(cfg, workdir: str, tokenizer: BpeClipTokenizer | None = None) -> l
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _embed_images(params, pixels, *, model):
-    from dalle_jax.models import clip
-
-    return clip.normalize(model.apply({"params": params}, pixels, method=model.encode_image))
-
-
-def _embed_texts(params, tokens, eot, *, model):
-    from dalle_jax.models import clip
-
-    return clip.normalize(model.apply({"params": params}, tokens, eot,
-                                      method=model.encode_text))
 
 
 @dataclasses.dataclass
@@ -567,8 +556,11 @@ class ClipEvaluator:
         self.batch_size = max(1, int(ev.get("batch_size", 250)))
         self.seed = int(ev.get("seed", 0))
         self.rules = sharding.get_rules(cfg.sharding_rules)
-        self._images = jax.jit(functools.partial(_embed_images, model=model))
-        self._texts = jax.jit(functools.partial(_embed_texts, model=model))
+        # The same unit-norm embeddings the reranking scorer computes.
+        from dalle_jax.rerank.scorer import encode_images, encode_texts
+
+        self._images = jax.jit(functools.partial(encode_images, model=model))
+        self._texts = jax.jit(functools.partial(encode_texts, model=model))
         self._data: dict[str, _EvalSplit] = {}
         self.last: dict | None = None
 
