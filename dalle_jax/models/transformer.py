@@ -238,10 +238,6 @@ class TransformerConfig:
     def compute_dtype(self) -> Any:
         return _DTYPES[self.dtype]
 
-    @property
-    def loss_image_weight(self) -> float:
-        return 1.0 - self.loss_text_weight
-
     def layer_kinds(self) -> tuple[str, ...]:
         """Mask kind of each layer, with ``conv`` resolved through ``conv_kind``."""
         conv = f"conv_{self.conv_kind}"
@@ -785,9 +781,3 @@ def abstract_variables(config: TransformerConfig) -> dict[str, Any]:
 def count_params(tree: PyTree) -> int:
     """Number of scalars in a (possibly abstract or boxed) parameter tree."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(sharding.unboxed(tree)))
-
-
-def dummy_inputs(config: TransformerConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Zero ``(text_BT, image_BI)`` int32 inputs of the right shapes."""
-    return (jnp.zeros((batch, config.text_len), jnp.int32),
-            jnp.zeros((batch, config.image_len), jnp.int32))
