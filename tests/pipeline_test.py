@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dalle_jax import sharding as sharding_lib
 from dalle_jax.data import augment
 from dalle_jax.data import pipeline as pl
 
@@ -259,18 +260,13 @@ def _mesh():
     )
 
 
-def test_batch_sharding_uses_present_axes():
-    mesh = _mesh()
-    assert pl.batch_sharding(mesh).spec == P(("data", "fsdp"))
-    data_only = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    assert pl.batch_sharding(data_only).spec == P(("data",))
-    with pytest.raises(ValueError):
-        pl.batch_sharding(mesh, axes=("batch",))
+def _batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, sharding_lib.batch_spec(mesh, sharding_lib.RULES["dp"]))
 
 
 def test_to_global_on_eight_devices():
     mesh = _mesh()
-    sharding = pl.batch_sharding(mesh)
+    sharding = _batch_sharding(mesh)
     pipeline = pl.make_pipeline(
         _source(), _cfg(global_batch_size=8), shard_options=grain.sharding.NoSharding()
     )
@@ -372,6 +368,8 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
                                initialization_timeout=60)
     import numpy as np
     from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding
+    from dalle_jax import sharding
     from dalle_jax.data import pipeline as pl
 
     source = [{"image": np.full((20, 20, 3), i, np.uint8), "caption": f"c{i}".encode(),
@@ -381,7 +379,8 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
     mesh = jax.make_mesh((8, 1), ("data", "fsdp"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     pipeline = pl.make_pipeline(source, cfg)
-    batch = pl.to_global(next(pipeline), pl.batch_sharding(mesh))
+    batch = pl.to_global(
+        next(pipeline), NamedSharding(mesh, sharding.batch_spec(mesh, sharding.RULES["dp"])))
     assert batch["index"].shape == (8,) and batch["image"].shape == (8, 8, 8, 3)
     everything = multihost_utils.process_allgather(batch["index"], tiled=True)
     print("GLOBAL", jax.process_index(), sorted(np.asarray(everything).tolist()),

@@ -83,3 +83,6 @@ def test_tree_shardings_and_sharded_init(preset, expected):
 def test_batch_spec():
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
     assert sharding.batch_spec(mesh, sharding.RULES["dp"], 4) == P(("data", "fsdp"), None, None, None)
+    # Batch axes missing from the mesh are skipped.
+    data_only = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    assert sharding.batch_spec(data_only, sharding.RULES["dp"]) == P(("data",))

@@ -42,7 +42,6 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dalle_jax.data.augment import AUGMENTATIONS
 
@@ -371,24 +370,6 @@ def make_pipeline(
     return Pipeline(source, cfg, shard_options)
 
 
-def batch_sharding(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
-    """Returns the sharding that splits a batch's leading axis over ``axes``.
-
-    Axes missing from the mesh are skipped, so one call works for meshes with and
-    without an ``fsdp`` axis.
-
-    Raises:
-        ValueError: none of ``axes`` is in the mesh (a replicated batch would make every
-            process claim its local batch is the whole global batch).
-    """
-    present = tuple(axis for axis in axes if axis in mesh.axis_names)
-    if not present:
-        raise ValueError(
-            f"none of the batch axes {tuple(axes)} is in the mesh axes {mesh.axis_names}"
-        )
-    return NamedSharding(mesh, P(present))
-
-
 def to_global(batch: Mapping[str, Any], sharding: jax.sharding.Sharding) -> Batch:
     """Assembles global ``jax.Array``s from every process's host-local batch.
 
@@ -414,7 +395,6 @@ __all__ = [
     "Batch",
     "Pipeline",
     "PipelineConfig",
-    "batch_sharding",
     "make_pipeline",
     "to_global",
 ]
