@@ -1,18 +1,26 @@
-"""Tests for the `captions` TFDS builder and the image/caption checks in `imageio`."""
+"""Tests for the `captions` TFDS builder, the source readers and options it uses
+(`caption_sources`), and the image/caption checks in `imageio`."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from dalle_jax.data import captions_tfds, imageio
+from dalle_jax import configlib
+from dalle_jax.data import caption_sources, captions_tfds, imageio
+from dalle_jax.data.caption_sources import CaptionsConfig
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -207,7 +215,8 @@ def test_folder_preparation_counts_and_readback(tmp_path):
     expected = _make_folder(src)
     data_dir = tmp_path / "data"
     report = captions_tfds.prepare_captions(
-        data_dir, name="folder_ds", sources=[str(src)], validation_fraction=0.0, num_workers=2)
+        data_dir, CaptionsConfig(name="folder_ds", sources=[str(src)], validation_fraction=0.0),
+        num_workers=2)
 
     assert report["reused"] is False
     total = report["total"]
@@ -261,7 +270,8 @@ def test_webdataset_shards_grouping_and_json(tmp_path):
     _make_shards(shards)
     data_dir = tmp_path / "data"
     report = captions_tfds.prepare_captions(
-        data_dir, name="wds", sources=[str(shards / "*.tar")], validation_fraction=0.0,
+        data_dir,
+        CaptionsConfig(name="wds", sources=[str(shards / "*.tar")], validation_fraction=0.0),
         num_workers=1)
     total = report["total"]
     assert total["candidates"] == 7
@@ -292,8 +302,8 @@ def test_split_assignment_is_deterministic(tmp_path):
         _write(str(src / f"{n}.jpg"), data)
         _write(str(src / f"{n}.txt"), f"caption {n}")
     expected = {s: {f"{n}.jpg" for n in names
-                    if captions_tfds.assign_split(f"{n}.jpg", 0.3) == s}
-                for s in captions_tfds.SPLITS}
+                    if caption_sources.assign_split(f"{n}.jpg", 0.3) == s}
+                for s in caption_sources.SPLITS}
     assert expected["train"] and expected["validation"]
 
     # A second run from a copy elsewhere: split keys are source-relative, so the split
@@ -302,9 +312,10 @@ def test_split_assignment_is_deterministic(tmp_path):
     shutil.copytree(src, moved)
     for run, root in (("run1", src), ("run2", moved)):
         report = captions_tfds.prepare_captions(
-            tmp_path / run, name="split_ds", sources=str(root), validation_fraction=0.3)
+            tmp_path / run,
+            CaptionsConfig(name="split_ds", sources=str(root), validation_fraction=0.3))
         got = {s: {os.path.relpath(k, root) for k in _read_all(tmp_path / run, "split_ds", s)}
-               for s in captions_tfds.SPLITS}
+               for s in caption_sources.SPLITS}
         assert got == expected
         assert report["splits"]["validation"]["kept"] == len(expected["validation"])
 
@@ -315,11 +326,11 @@ def test_several_configs_share_a_data_dir(tmp_path):
     shards = tmp_path / "shards"
     _make_shards(shards)
     data_dir = tmp_path / "data"
-    a = captions_tfds.prepare_captions(data_dir, name="alpha", sources=[str(src)],
-                                       validation_fraction=0.0)
-    b = captions_tfds.prepare_captions(data_dir, name="beta",
-                                       sources=[str(src / "good"), str(shards / "00000.tar")],
-                                       validation_fraction=0.0, max_short_side=64)
+    alpha = CaptionsConfig(name="alpha", sources=[str(src)], validation_fraction=0.0)
+    a = captions_tfds.prepare_captions(data_dir, alpha)
+    b = captions_tfds.prepare_captions(data_dir, CaptionsConfig(
+        name="beta", sources=[str(src / "good"), str(shards / "00000.tar")],
+        validation_fraction=0.0, max_short_side=64))
     assert a["total"]["kept"] == 8
     assert b["total"]["kept"] == 4 + 2 and b["total"]["resized"] == 6
     assert sorted(os.listdir(data_dir / "captions")) == ["alpha", "beta"]
@@ -328,17 +339,15 @@ def test_several_configs_share_a_data_dir(tmp_path):
         assert min(ex["image"].shape[:2]) == 64
 
     # Preparing again reuses the data and returns the stored counts.
-    again = captions_tfds.prepare_captions(data_dir, name="alpha", sources=[str(src)],
-                                           validation_fraction=0.0)
+    again = captions_tfds.prepare_captions(data_dir, alpha)
     assert again["reused"] is True and again["total"] == a["total"]
     # The normal builder reads the prepared data (even without the sources).
-    builder = captions_tfds.captions_builder(data_dir, name="beta", sources=["/moved/away"],
-                                             validation_fraction=0.0, max_short_side=64)
+    builder = captions_tfds.captions_builder(data_dir, CaptionsConfig(
+        name="beta", sources=["/moved/away"], validation_fraction=0.0, max_short_side=64))
     assert len(builder.as_data_source()["train"]) == 6
     # Other filters under an existing name are refused.
     with pytest.raises(ValueError, match="min_side"):
-        captions_tfds.captions_builder(data_dir, name="alpha", sources=[str(src)],
-                                       validation_fraction=0.0, min_side=100)
+        captions_tfds.captions_builder(data_dir, dataclasses.replace(alpha, min_side=100))
 
 
 def test_split_with_every_example_skipped_is_a_clear_error(tmp_path):
@@ -346,8 +355,8 @@ def test_split_with_every_example_skipped_is_a_clear_error(tmp_path):
     _write(str(src / "x.jpg"), _jpeg(20, 20))
     _write(str(src / "x.txt"), "too small")
     with pytest.raises(ValueError, match="image_too_small"):
-        captions_tfds.prepare_captions(tmp_path / "data", name="none", sources=[str(src)],
-                                       validation_fraction=0.0)
+        captions_tfds.prepare_captions(tmp_path / "data", CaptionsConfig(
+            name="none", sources=[str(src)], validation_fraction=0.0))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -373,7 +382,7 @@ def test_invalid_options_raise_value_error(tmp_path, kwargs, message):
     if isinstance(args["sources"], str):  # a path below tmp_path that does not exist
         args["sources"] = str(tmp_path / args["sources"])
     with pytest.raises(ValueError, match=message):
-        captions_tfds.prepare_captions(tmp_path / "data", **args)
+        captions_tfds.prepare_captions(tmp_path / "data", CaptionsConfig(**args))
 
 
 def test_overlapping_folders_and_non_tar_files_are_rejected(tmp_path):
@@ -381,6 +390,48 @@ def test_overlapping_folders_and_non_tar_files_are_rejected(tmp_path):
     _write(str(src / "sub" / "x.jpg"), _jpeg())
     _write(str(src / "notes.csv"), "a,b")
     with pytest.raises(ValueError, match="overlap"):
-        captions_tfds.resolve_sources([str(src), str(src / "sub")])
+        caption_sources.resolve_sources([str(src), str(src / "sub")])
     with pytest.raises(ValueError, match="not a tar shard"):
-        captions_tfds.resolve_sources([str(src / "notes.csv")])
+        caption_sources.resolve_sources([str(src / "notes.csv")])
+
+
+def test_captions_config_from_config_section():
+    cfg = configlib.load_config(os.path.join(_ROOT, "configs", "captions.py") + ":name=cc3m")
+    section = cfg.data.captions
+    section.sources = " /data/pairs, /data/shards/*.tar ,"
+    config = CaptionsConfig.from_config(section)
+    assert config == CaptionsConfig(name="cc3m", sources=("/data/pairs", "/data/shards/*.tar"))
+    assert config.max_short_side is None  # 0 in the config keeps the source resolution
+    section.max_short_side = 128
+    section.min_aspect = 1.0
+    config = CaptionsConfig.from_config(section)
+    assert config.max_short_side == 128 and config.aspect_range == (1.0, 2.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.min_side = 1
+    section.max_aspect = 0.5
+    with pytest.raises(ValueError, match="data.captions: aspect_range"):
+        CaptionsConfig.from_config(section)
+    section.name = ""
+    with pytest.raises(ValueError, match="data.captions.name is empty"):
+        CaptionsConfig.from_config(section)
+
+
+def test_prepare_and_read_through_the_data_config(tmp_path):
+    from dalle_jax.data import sources
+
+    src = tmp_path / "src"
+    _make_folder(src)
+    cfg = configlib.load_config(os.path.join(_ROOT, "configs", "captions.py") + ":name=mine")
+    cfg.data.data_dir = str(tmp_path / "data")
+    cfg.data.captions.sources = f"{src / 'good'},{src / 'modes'}"
+    cfg.data.captions.validation_fraction = 0.0
+    report = sources.prepare(cfg.data)
+    assert report["name"] == "mine" and report["total"]["kept"] == 8
+    assert report["options"]["sources"] == [str(src / "good"), str(src / "modes")]
+    assert len(sources.load_split(cfg.data, "train")) == 8
+
+
+def test_source_readers_do_not_import_tfds():
+    code = ("import sys, dalle_jax.data.caption_sources; "
+            "sys.exit('tensorflow_datasets' in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT)

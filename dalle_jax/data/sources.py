@@ -12,21 +12,9 @@ import os
 from typing import Any
 
 from dalle_jax.data import pipeline as pipeline_lib
+from dalle_jax.data.caption_sources import CaptionsConfig
 
 SOURCES = ("shapes", "captions")
-
-
-def _captions_kwargs(c) -> dict[str, Any]:
-    sources = [s.strip() for s in str(c.sources).split(",") if s.strip()]
-    return dict(
-        name=c.name,
-        sources=sources,
-        min_caption_chars=int(c.min_caption_chars),
-        aspect_range=(float(c.min_aspect), float(c.max_aspect)),
-        min_side=int(c.min_side),
-        max_short_side=int(c.max_short_side) or None,
-        validation_fraction=float(c.validation_fraction),
-    )
 
 
 def dataset_builder(data_cfg):
@@ -41,9 +29,8 @@ def dataset_builder(data_cfg):
     if data_cfg.source == "captions":
         from dalle_jax.data import captions_tfds
 
-        if not data_cfg.captions.name:
-            raise ValueError("data.captions.name is empty: name the dataset (e.g. :name=cc3m)")
-        return captions_tfds.captions_builder(data_cfg.data_dir, **_captions_kwargs(data_cfg.captions))
+        return captions_tfds.captions_builder(
+            data_cfg.data_dir, CaptionsConfig.from_config(data_cfg.captions))
     raise ValueError(f"data.source={data_cfg.source!r} is not one of {SOURCES}")
 
 
@@ -52,7 +39,8 @@ def prepare(data_cfg) -> dict[str, Any]:
     if data_cfg.source == "captions":
         from dalle_jax.data import captions_tfds
 
-        return captions_tfds.prepare_captions(data_cfg.data_dir, **_captions_kwargs(data_cfg.captions))
+        return captions_tfds.prepare_captions(
+            data_cfg.data_dir, CaptionsConfig.from_config(data_cfg.captions))
     builder = dataset_builder(data_cfg)
     builder.download_and_prepare(file_format="array_record")
     return {"dataset": builder.info.full_name, "data_dir": builder.data_dir,
