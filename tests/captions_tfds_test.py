@@ -177,6 +177,14 @@ def test_read_caption_cleans_and_rejects():
         assert e.value.reason == reason
 
 
+def test_skip_reasons_cover_every_image_and_caption_reason():
+    # The preparation report counts skips under SKIP_REASONS; a rejection reason that
+    # imageio adds must be listed there too.
+    reasons = ({f"image_{r}" for r in imageio.IMAGE_REASONS}
+               | {f"caption_{r}" for r in imageio.CAPTION_REASONS})
+    assert reasons <= set(caption_sources.SKIP_REASONS)
+
+
 def test_truncated_jpeg_is_corrupt_even_if_pil_tolerates_truncation(monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     data = _jpeg()
