@@ -1,1 +1,0 @@
-"""Evaluations of generated samples (e.g. caption-match checks on the `shapes` dataset)."""
