@@ -1,4 +1,5 @@
-"""Attention masks: the spec's reference formulas, density counts and structural properties."""
+"""Attention masks: the index formulas (docs/design.md, section 4), density counts and
+structural properties."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from dalle_jax.models import masks
 
 
 def _reference(text_len: int, grid: int, h: int = 5) -> dict[str, np.ndarray]:
-    """The spec's §2.4 NumPy formulas, written out for general (T, W, h)."""
+    """The masks' index formulas written out independently in NumPy, for general (T, G, h)."""
     n = text_len + grid * grid
     q = np.arange(n)[:, None]
     k = np.arange(n)[None, :]
@@ -42,7 +43,7 @@ def test_matches_reference_formulas(text_len, grid, kernel):
 
 
 def test_paper_size_densities():
-    # Spec §2.4: allowed entries at T=256, G=32 (N=1280).
+    # Allowed entries at the paper's size, T=256, G=32 (L=1280).
     want = {"dense": 819_840, "row": 328_304, "column": 311_936,
             "conv_2d": 347_394, "conv_raster": 352_209}
     for kind, count in want.items():
