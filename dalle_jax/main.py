@@ -6,12 +6,14 @@ starts (a previous, different one is kept as ``config.<time>.json``, never overw
 Multi-host runs initialise ``jax.distributed`` here: automatically on SLURM and TPU
 pods, or explicitly with ``--coordinator_address/--num_processes/--process_id``
 (`dalle_jax.multihost`). Every process then checks that it runs the same config as
-process 0; processes other than 0 log warnings and errors only.
+process 0. The console shows progress bars, a few informative lines and each job's
+summary; every log line goes to ``workdir/logs/<job>.log`` (`dalle_jax.logs`, which
+describes what ``--verbosity`` shows). Processes other than 0 print warnings and errors
+only, and keep their own log file.
 """
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import sys
 import time
@@ -19,7 +21,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dalle_jax import configlib, jobs, multihost
+from dalle_jax import configlib, jobs, logs, multihost
 
 # `import common` inside config files must resolve before flags are parsed.
 for _a in sys.argv[1:]:
@@ -70,39 +72,33 @@ def write_config(cfg, workdir: str) -> str:
     return path
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Drops library chatter: orbax/TFDS INFO lines (dozens per checkpoint) and two
-    harmless TFDS warnings (no OpenCV, so PIL decodes; a custom builder config)."""
-
-    _NOISY_PATHS = ("/orbax/", "/tensorflow_datasets/", "/etils/")
-    _NOISY_WARNINGS = ("OpenCV is not installed", "Using custom data configuration")
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if FLAGS.verbosity > 0:
-            return True
-        if record.levelno >= std_logging.WARNING:
-            return not str(record.msg).startswith(self._NOISY_WARNINGS)
-        return not any(n in record.pathname for n in self._NOISY_PATHS)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    job_logs = logs.Logs()
+    job_logs.start(FLAGS.verbosity)
     init_distributed()
     import jax
 
-    if jax.process_index() != 0 and FLAGS.verbosity <= 0:
-        logging.set_verbosity(logging.WARNING)
+    job_logs.set_process(jax.process_index())
     cfg = _CONFIG.value
     multihost.check_same_config(configlib.to_json(cfg))
     workdir = os.path.abspath(FLAGS.workdir)
     os.makedirs(workdir, exist_ok=True)
+    log_file = job_logs.open_file(logs.log_path(workdir, FLAGS.job, jax.process_index(),
+                                                jax.process_count()))
     if jax.process_index() == 0:
         write_config(cfg, workdir)
-    logging.info("job=%s workdir=%s processes=%d devices=%d", FLAGS.job, workdir,
-                 jax.process_count(), jax.device_count())
-    jobs.JOBS[FLAGS.job](cfg, workdir)
+    logs.note("%s in %s: %d process%s, %d %s device%s; log %s", FLAGS.job, workdir,
+              jax.process_count(), "es" if jax.process_count() > 1 else "",
+              jax.device_count(), jax.default_backend(),
+              "s" if jax.device_count() > 1 else "", log_file)
+    try:
+        jobs.JOBS[FLAGS.job](cfg, workdir)
+    except Exception:
+        # The console gets Python's own traceback; the log file keeps a copy.
+        logging.error("job %s failed", FLAGS.job, exc_info=True, extra={logs.FILE_ONLY: True})
+        raise
 
 
 def run():

@@ -110,10 +110,12 @@ def test_two_processes_train_stage2_like_one(token_dir, tokenizer, tmp_path):  #
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=RTOL)
-    # Only process 0 writes the logs, the config and the metrics; each process writes its
-    # own part of every checkpoint and export.
+    # Only process 0 writes the metrics and the config; each process writes its own log
+    # file and its own part of every checkpoint and export.
     assert os.path.exists(os.path.join(two, "exports", "step_0000006", "meta.json"))
-    assert "step 6:" in results[0][1] and "step 6:" not in results[1][1]
+    logs = [open(os.path.join(two, "logs", f"train.p{i}.log")).read() for i in range(2)]
+    assert "step 6:" in logs[0] and "step 6:" not in logs[1]
+    assert "step 6:" not in results[0][1]  # the console has the summary, not every step
     for tree in ("checkpoints/6/state", "exports/step_0000006/params"):
         for i in range(2):
             assert os.listdir(os.path.join(two, tree, f"ocdbt.process_{i}")), (tree, i)
