@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dalle_jax import sharding
+from dalle_jax import sharding, treeutil
 from dalle_jax.models import masks
 from dalle_jax.models import transformer as tr
 
@@ -169,19 +169,28 @@ def test_init_scale_scales_every_normal_parameter():
         dataclasses.replace(TINY, init_scale=0.0)
 
 
-def test_jit_init_compiles_fast():
-    import time
-    start = time.perf_counter()
-    out = jax.jit(functools.partial(tr.init_variables, TINY))(jax.random.key(1))
-    jax.block_until_ready(out)
-    assert time.perf_counter() - start < 4.0
+def test_jit_init_program_does_not_grow_with_depth():
+    """Init draws each stacked layer leaf in one call, so the program XLA compiles has the
+    same size at any depth (an unrolled per-layer init would grow with it), and a new key
+    reuses the compiled program."""
+    sizes = set()
+    for depth in (1, 4, 16):
+        init = functools.partial(tr.init_variables, dataclasses.replace(TINY, depth=depth))
+        sizes.add((len(jax.make_jaxpr(init)(jax.random.key(1)).jaxpr.eqns),
+                   len(jax.jit(init).lower(jax.random.key(1)).as_text().splitlines())))
+    assert len(sizes) == 1, sizes
+    init = jax.jit(functools.partial(tr.init_variables, TINY))
+    a, b = init(jax.random.key(1)), init(jax.random.key(2))
+    assert init._cache_size() == 1
+    assert not np.array_equal(nn.unbox(a)["params"]["text_embed"],
+                              nn.unbox(b)["params"]["text_embed"])
 
 
 def test_paper_size_param_count():
     config = tr.TransformerConfig.paper_12b(scan_layers=True)
     abstract = tr.abstract_variables(config)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nn.unbox(abstract)))
-    n = tr.count_params(abstract)
+    n = treeutil.count_params(abstract)
     print(f"paper-size transformer parameters: {n:,}")
     d = 3968
     per_layer = 12 * d * d + 13 * d
