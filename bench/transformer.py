@@ -35,7 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dalle_jax import sharding
+from dalle_jax import sharding, treeutil
 from dalle_jax.models import transformer as tfm
 from dalle_jax.sample import sampler as smp
 from dalle_jax.tokenizers import dvae
@@ -158,7 +158,7 @@ def bench_train(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
 
         times = _times(run, a.steps, a.warmup)
     step_s = statistics.median(times)
-    out = {"params": tfm.count_params(holder["state"].params), "train_step_s": round(step_s, 4),
+    out = {"params": treeutil.count_params(holder["state"].params), "train_step_s": round(step_s, 4),
         "train_tokens_per_s": round(a.batch * mcfg.seq_len / step_s, 1),
         "train_step_min_s": round(min(times), 4),
         "train_compile_s": round(compile_s, 1)}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dalle_jax import configlib, sharding
+from dalle_jax import configlib, sharding, treeutil
 from dalle_jax.models import transformer as tr
 from dalle_jax.train import lm_task, loop
 
@@ -42,7 +42,7 @@ def _compile(preset, mesh_degrees, dtype="bfloat16"):
     tx, lr_fn = loop.build_optimizer(cfg, task, dict(mesh.shape))
     compiled, _ = loop.compile_train_step(task, tx, lr_fn, mesh, rules, batch,
                                           ema_decay=0.99, ema_every=25)
-    n = tr.count_params(abstract_params)
+    n = treeutil.count_params(abstract_params)
     return compiled, loop.memory_report(compiled), n
 
 

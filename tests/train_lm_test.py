@@ -10,7 +10,7 @@ import pytest
 from array_record.python import array_record_module
 
 from dalle_jax import checkpoint as ckpt_lib
-from dalle_jax import configlib, jobs
+from dalle_jax import configlib, jobs, treeutil
 from dalle_jax import metrics as metrics_lib
 from dalle_jax.data import text_pipeline, tokens
 from dalle_jax.tokenizers import bpe, dvae, params_io
@@ -445,8 +445,8 @@ def test_paper_config_is_the_papers_12b_model(tokenizer):
               "mlp_ratio", "attn_pattern", "conv_kernel"):
         assert getattr(mcfg, f) == getattr(paper, f), f
     # Same parameter tree as the paper's model (12.3B with embeddings and heads).
-    assert (tfm.count_params(tfm.abstract_variables(mcfg))
-            == tfm.count_params(tfm.abstract_variables(paper)))
+    assert (treeutil.count_params(tfm.abstract_variables(mcfg))
+            == treeutil.count_params(tfm.abstract_variables(paper)))
     assert mcfg.scan_layers and mcfg.remat == "full" and mcfg.dtype == "bfloat16"
 
 

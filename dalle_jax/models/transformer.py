@@ -68,7 +68,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import sharding
 from dalle_jax.models import attention, masks
 
 PyTree = Any
@@ -776,8 +775,3 @@ def init_variables(config: TransformerConfig, rng: jax.Array, *,
 def abstract_variables(config: TransformerConfig) -> dict[str, Any]:
     """Shapes, dtypes and logical axes of `init_variables`, allocating nothing."""
     return jax.eval_shape(functools.partial(init_variables, config), jax.random.key(0))
-
-
-def count_params(tree: PyTree) -> int:
-    """Number of scalars in a (possibly abstract or boxed) parameter tree."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(sharding.unboxed(tree)))

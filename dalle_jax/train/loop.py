@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from dalle_jax import checkpoint as ckpt_lib
 from dalle_jax import metrics as metrics_lib
 from dalle_jax import multihost
-from dalle_jax import sharding
+from dalle_jax import sharding, treeutil
 from dalle_jax.train import optim
 
 PyTree = Any
@@ -142,10 +142,6 @@ def _abstract_state(task: Task, tx, mesh, rules, seed: int):
 
 
 _LOOP_METRICS = ("loss", "grad_norm", "param_norm", "update_norm", "lr")
-
-
-def param_count(tree: PyTree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, lr_fn: Callable, *,
@@ -332,7 +328,7 @@ def train(
             state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
             logging.info("initialised params from %s", cfg.ckpt.init_params)
     start_step = int(jax.device_get(state.step))
-    logging.info("params: %s", f"{param_count(state.params):,}")
+    logging.info("params: %s", f"{treeutil.count_params(state.params):,}")
 
     # ---- the step ------------------------------------------------------------------
     first = train_iter.__next__()
