@@ -8,51 +8,44 @@ Args: size=tiny (a ViT of width 64 over 8x8 patches and a text transformer of wi
 model; default runs/demo/dalle/bpe.model, which --job=train_bpe of the demo writes>.
 
 Stage 2 draws several candidate images per caption; the paper keeps the ones a
-contrastive model (CLIP) scores highest. This config trains such a scorer on `shapes`
-so that reranking can be measured end to end without downloading anything. Its text
-tower reads the same caption BPE as the transformer, and it reads the same prepared
-dataset as configs/dvae_shapes.py (same ``data`` section, so `prepare` runs once).
+contrastive model (CLIP) scores highest. This config trains such a scorer on `shapes`, so
+that reranking can be measured end to end without downloading anything. Its text tower
+reads the caption BPE of the transformer, and it reads the prepared dataset of
+configs/dvae_shapes.py (the same ``data`` section, so `prepare` runs once).
 
-What it must tell apart is what the caption checker grades: colours, shapes, how many
-objects, and where they are (left of / right of / above / below). Plain in-batch InfoNCE
-learns little beyond which colours and shapes are present, since two random captions of
-a batch almost never differ only in arrangement. Hence, on top of CLIP's recipe:
+It must tell apart what the caption checker grades: colours, shapes, how many objects
+and where they are. In-batch captions almost never differ only in arrangement, so on top
+of CLIP's recipe:
 
 * hard negatives (``contrastive.negatives`` per image, `dalle_jax.data.shapes_negatives`,
-  never naming a held-out object): captions of the same scene with the relation
-  reversed, the other axis, the colours or shapes swapped between the two objects
-  (``structural_first``: these kinds first, since in-batch captions never supply
-  them), one attribute changed, an object dropped or added;
-* a paraphrase term (``contrastive.paraphrase_weight``): each caption must be nearer
-  another wording of its own meaning than its hard negatives. Without it both towers sit
-  at a symmetric point where neither encodes the arrangement (the image tower gets no
-  signal for it while the text tower ignores it, and vice versa); the paraphrases teach
-  the text tower the arrangement on their own, and the image tower follows;
+  never naming a held-out object): the same scene's caption with the relation reversed,
+  the other axis, the colours or shapes swapped between the objects (these kinds first,
+  ``structural_first``), one attribute changed, an object dropped or added;
+* a paraphrase term (``contrastive.paraphrase_weight``): a caption must be nearer another
+  wording of its own meaning than its hard negatives, which teaches the text tower the
+  arrangement; the image tower follows;
 * the image tower's positional embedding starts 8x larger than CLIP's
-  (``model.position_init_scale``), so that positions compete with the colour of a patch
-  from the start; with CLIP's scale the relations are learned hundreds of steps later;
+  (``model.position_init_scale``), so that positions compete with a patch's colour from
+  the start;
 * batch captions with the same meaning as an image's own are masked out of its
   candidates instead of counting as wrong answers (a third of the scenes are single
-  objects, 15 kinds of them, so a batch holds several copies of each).
+  objects, 15 kinds, so a batch holds several copies of each).
 
-The images are not augmented (``data.augment = "none"``): the dVAE's random flip would
-swap left and right, and the scenes need no crops.
+The images are not augmented (``data.augment = "none"``): a random flip would swap left
+and right, and the scenes need no crops. The rest is CLIP's recipe (symmetric InfoNCE,
+learned temperature capped at 100, AdamW with linear warm-up and cosine decay, no weight
+decay on gains, biases and embeddings), sized to train in a few minutes on 2 CPU cores.
 
 Evaluation (every ``eval_every`` steps and at the end, on the first
-``evals.clip.num_examples`` images of ``validation``, with the training objects, and
-``test_compositional``, every scene naming a held-out object): the share of images whose
-own caption scores above all ``evals.clip.negatives`` hard negatives, the accuracy against
-each kind of negative, and top-1 retrieval of the image's meaning among the canonical
-captions of every meaning of the split (435 / 195), also for pairs alone.
-
-The rest is CLIP's recipe (symmetric InfoNCE, learned temperature capped at 100, AdamW
-with a linear warm-up and cosine decay, no weight decay on gains, biases and
-embeddings), sized to train in a few minutes on 2 CPU cores; longer runs (steps=) keep
-improving, the held-out objects' shapes most.
+``evals.clip.num_examples`` images of ``validation`` and ``test_compositional``): the
+share of images whose own caption scores above all ``evals.clip.negatives`` hard
+negatives, the accuracy against each kind of negative, and top-1 retrieval of the
+image's meaning among the canonical captions of every meaning of the split.
 
 Results land in WORKDIR/metrics.jsonl (train/… and eval/…) and WORKDIR/exports/step_N
 (the EMA params, the tower config, the BPE model file under tokenizer/ and the final
-evaluation), which `dalle_jax.rerank.scorer.ClipScorer.load` reads.
+evaluation), which `dalle_jax.rerank.scorer.ClipScorer.load` reads. The measurements
+behind these choices are in docs/experiments.md.
 """
 
 import common  # noqa: I001

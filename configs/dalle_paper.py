@@ -1,7 +1,7 @@
-"""Stage 2 at the paper's size: the 12-billion-parameter transformer (§2.2-2.4, App. B).
+"""Stage 2 at the paper's size: the 12-billion-parameter transformer (paper §2.2-2.4, App. B).
 
   python -m dalle_jax.main --job=plan      --config=configs/dalle_paper.py:fsdp=F,tensor=T --workdir=W \
-      --config.plan.num_devices=N --config.plan.device_memory_gib=M
+    --config.plan.num_devices=N --config.plan.device_memory_gib=M
   python -m dalle_jax.main --job=train_bpe --config=configs/dalle_paper.py:tokens=DIR --workdir=W
   python -m dalle_jax.main --job=train     --config=configs/dalle_paper.py:tokens=DIR,fsdp=F,tensor=T --workdir=W
   python -m dalle_jax.main --job=sample    --config=configs/dalle_paper.py:tokens=DIR --workdir=W
@@ -15,38 +15,32 @@ smoke test of the set-up on CPU).
 
 The paper's recipe: 64 layers, width 3,968, 62 heads of 64 (12.3B parameters with the
 embeddings and heads, the paper's "12 billion"); 256 text slots, BPE vocabulary 16,384
-with BPE-dropout 0.1; the row/column/row/row mask pattern
-with a convolutional last layer (window 11, raster reading); loss 1/8 text + 7/8 image;
-AdamW(0.9, 0.96, 1e-8, weight decay 4.5e-2 on the weight matrices) with the running
-variance clipped by value at 5, gradient clipping at global norm 4; learning
-rate warmed up linearly to 4.5e-4 over 5,000 updates, then halved five times; EMA 0.99
-every 25 updates; batch 1,024; 430,000 updates. The paper halved the learning rate by
-hand whenever the loss plateaued; when is not published, so this config halves it at
-fixed updates (``optim.lr.halve_at``) spread over the second half of the run: override
-them to follow your own plateaus. Every layer is rematerialised in the backward pass and
-the stack runs as one scanned layer.
+with BPE-dropout 0.1; the row/column/row/row mask pattern with a convolutional last
+layer (window 11, raster reading); loss 1/8 text + 7/8 image; AdamW(0.9, 0.96, 1e-8,
+weight decay 4.5e-2 on the weight matrices) with the running variance clipped by value
+at 5, gradient clipping at global norm 4; learning rate warmed up linearly to 4.5e-4 over
+5,000 updates, then halved five times; EMA 0.99 every 25 updates; batch 1,024; 430,000
+updates. No caption dropout: the paper trains no unconditional model.
 
-Precision: bfloat16 compute with fp32 parameters and optimizer state by default (GPUs and
-TPUs with bf16). ``--config.precision.compute_dtype=float16`` is the paper's own scheme
-for GPUs without bf16 (it trained on V100s): float16 resblocks with one gradient scale
-per resblock, kept and updated by the optimizer (``precision.grad_scaling``).
+Two choices of this config: the paper halved the learning rate by hand whenever the loss
+plateaued, and when is not published, so the halvings come at fixed updates
+(``optim.lr.halve_at``) spread over the second half of the run (override them to follow
+your own plateaus); and every layer is rematerialised in the backward pass, the stack
+running as one scanned layer, so that activations fit.
 
-Meshes. Parameters are sharded by logical-axis rules: ``fsdp`` splits the model width
-(3,968 = 2^7 * 31), so the fsdp degree must be a power of two up to 128; ``fsdp_tp`` also
-splits the MLP (15,872), the fused attention projections (62 heads x 64 = 3,968: any
-power-of-two tensor degree up to 128, although 62 heads do not divide 4) and the
-vocabularies (padded to multiples of 128) over ``tensor``. A mesh that cannot shard a
-parameter stops the job before anything is allocated, naming the parameter, dim and mesh
-axis. Checked shardable by tests/sharding_golden_test.py: fsdp 8, 16, 64 or 128 alone;
-fsdp 8 x tensor 2 or 4, 32 x 4, 16 x 8, 4 x 16; per-device tables for data 16 x fsdp
-64 and data 8 x fsdp 32 x tensor 4 are checked in (tests/golden/). What fits, by
-``--job=plan`` (batch 1,024, remat "full"; per-device totals):
+Precision: bfloat16 compute with float32 parameters and optimizer state by default (GPUs
+and TPUs with bf16). ``--config.precision.compute_dtype=float16`` is the paper's own
+scheme for GPUs without bf16: float16 resblocks with one gradient scale per resblock,
+kept and updated by the optimizer (``precision.grad_scaling``).
 
-  * 1,024 GPUs of 16 GB (the paper's), float16: fsdp=128,tensor=8: 8 sequences per
-    device, 12.9 GiB (81%);
-  * 64 GPUs of 80 GB, bfloat16: fsdp=64: 16 per device, 44.2 GiB (55%);
-  * 256 TPU v4-like chips of 32 GB, bfloat16: fsdp=128 (data 2): 4 per device, 13.0 GiB
-    (41%); fsdp=64,tensor=4: 16 per device, 28.4 GiB (89%).
+Meshes: ``fsdp`` splits the model width (3,968 = 2^7 * 31), so the fsdp degree must be a
+power of two up to 128; ``fsdp_tp`` also splits the MLP (15,872), the fused attention
+projections (62 heads x 64) and the vocabularies (padded to multiples of 128) over
+``tensor``, any power of two up to 128. A mesh that cannot shard a parameter stops the
+job before anything is allocated, naming the parameter, dim and mesh axis. Per-device
+tables for data 16 x fsdp 64 and data 8 x fsdp 32 x tensor 4 are checked in
+(tests/golden/). ``--job=plan`` says what fits on given devices; docs/experiments.md
+lists plans for the paper's 1,024 GPUs, 64 large GPUs and a TPU slice.
 """
 import common  # noqa: I001
 

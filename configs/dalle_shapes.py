@@ -2,55 +2,43 @@
 
   python -m dalle_jax.main --job=train_bpe --config=configs/dalle_shapes.py --workdir=runs/dalle
   python -m dalle_jax.main --job=train     --config=configs/dalle_shapes.py --workdir=runs/dalle
+  python -m dalle_jax.main --job=sample    --config=configs/dalle_shapes.py --workdir=runs/dalle
 
 Args: size=tiny (width 128, depth 4, heads 4), steps=<override total steps>,
 batch=<global batch>, tokens=<token directory written by --job=encode; default
 runs/demo/dvae/tokens>.
 
-The paper's recipe (§2.2, App. B.2) scaled down: caption BPE, text loss
-weight 1/8 and image loss weight 7/8, the paper's attention-mask pattern, AdamW(0.9, 0.96)
-with weight decay 4.5e-2, gradient clipping at global norm 4, and an EMA of the
-parameters. Deviations, each because this run is a few thousand updates on synthetic
-captions: a BPE vocabulary of 512 instead of 16,384 (the captions use a few dozen words),
-16 text slots instead of 256, a peak learning rate of 2e-3 with cosine decay instead of
-4.5e-4 halved on plateaus, no resblock dropout (20k training pairs seen about 3 times),
-an EMA decay of 0.995 applied every step instead of 0.99 every 25 steps (the paper's
-EMA averages over ~2,500 updates, longer than this whole run), and no BPE-dropout
-instead of 0.1 (`text.dropout`; on a run this short the split words are noise rather than
-regularisation), and initial weights N(0, 1/sqrt(d_in)) instead of the Sparse Transformer's
-N(0, 0.125/sqrt(d_in)) (`model.init_scale`): with the small init, how soon the image
-starts to follow the caption varied by hundreds of steps between seeds (image loss at
-step 600: 0.88 / 1.11 / 0.92 for seeds 0 / 1 / 2), a delay a 2,000-step run never makes
-up; with init_scale 1 it is 0.80 / 0.81 / 0.80.
+The paper's recipe (§2.2, App. B.2) scaled down: caption BPE, text loss weight 1/8 and
+image loss weight 7/8, the paper's attention-mask pattern, AdamW(0.9, 0.96) with weight
+decay 4.5e-2 on the weight matrices (`dalle_jax.train.optim.decays`), gradient clipping at
+global norm 4 and an EMA of the parameters. Because this run is a few thousand updates on
+synthetic captions:
 
-  python -m dalle_jax.main --job=sample    --config=configs/dalle_shapes.py --workdir=runs/dalle
+* a BPE vocabulary of 512 instead of 16,384 (the captions use a few dozen words) and 16
+  text slots instead of 256;
+* no BPE-dropout (`text.dropout`, the paper: 0.1) and no resblock dropout: on a run this
+  short the split words are noise rather than regularisation, and the 20k training pairs
+  are seen about 3 times;
+* a peak learning rate of 2e-3 with cosine decay instead of 4.5e-4 halved on plateaus;
+* an EMA decay of 0.995 every step instead of 0.99 every 25 steps (the paper's EMA
+  averages over ~2,500 updates, longer than this whole run);
+* initial weights N(0, 1/sqrt(d_in)) instead of the Sparse Transformer's
+  N(0, 0.125/sqrt(d_in)) (`model.init_scale`): with the small init, how soon the image
+  starts to follow the caption varied by hundreds of steps between seeds.
+
+Not in the paper: a tenth of the captions are dropped in training
+(`text.caption_dropout`), so that sampling can use classifier-free guidance.
+
+Sampling uses temperature 0.7 (`sample.temperature`; no top-k / top-p): a model this
+small spreads probability over codes it has not learned to place, and sharpening the
+distribution removes most of those stray cells. The recipe's alternatives and the
+caption-match figures behind these choices are in docs/experiments.md.
 
 Results land in WORKDIR/metrics.jsonl and WORKDIR/exports/step_N; `sample` writes
-WORKDIR/samples/ (a grid for DEMO_CAPTIONS, and the caption-match rates of single samples
-for validation captions (in-distribution objects) and test_compositional captions
-(held-out objects)).
-
-Sampling uses temperature 0.7 (`sample.temperature`; no top-k / top-p). Caption match
-(validation / held-out) of one trained demo model at temperatures 1 / 0.85 / 0.7 / 0.5:
-46.5% / 24%, 48.5% / 31.5%, 54.5% / 39.5%, 52.5% / 41.5%; of the default demo model at
-1 / 0.7: 60% / 29.5%, 65.5% / 45.5%. A model this small spreads
-probability over codes it has not learned to place, and sharpening the distribution
-removes most of those stray cells; below ~0.7 the rates level off.
-
-Alternatives measured on the default dVAE's tokens, one seed each, caption match over all
-1,000 validation / held-out captions (validation image loss): this recipe 64.9% / 39.6%
-(1.073), and with seed 1 for init and data order 49.7% / 23.8% (1.092); peak lr 3e-3 51.1% /
-37.5% (1.092); peak lr 1.5e-3 48.9% / 24.5% (1.124); batch 16 for 4,000 steps, the same
-tokens in the same time, 55.0% / 34.5% (1.032). Caption match does not follow the loss
-closely at this size (the batch-16 run has the lowest loss and a lower match), and the seed
-alone moves it by ~15 points: judge a recipe change on several seeds.
-
-Weight decay applies to the weight matrices only (not to gains, biases, embeddings or
-heads; `dalle_jax.train.optim.decays`). On another dVAE's tokens (same recipe, trained on
-a different machine), seed 0: 56.4% / 39.6% (1.169) with that rule and 55.5% / 41.0%
-(1.166) decaying every leaf of two or more dims as before (gains, biases, text positions
-and heads included), so the rule does not move the demo; seed 1 with it: 77.1% / 58.8%
-(1.120).
+WORKDIR/samples/ (a grid for DEMO_CAPTIONS and the caption-match rates for validation
+captions (in-distribution objects) and test_compositional captions (held-out objects):
+single samples, best of `eval_rerank` reranked by `sample.rerank`, guided at
+`eval_guidance`).
 """
 
 import common  # noqa: I001

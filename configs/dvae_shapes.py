@@ -2,55 +2,35 @@
 
   python -m dalle_jax.main --job=prepare    --config=configs/dvae_shapes.py --workdir=runs/dvae
   python -m dalle_jax.main --job=train_dvae --config=configs/dvae_shapes.py --workdir=runs/dvae
+  python -m dalle_jax.main --job=encode     --config=configs/dvae_shapes.py --workdir=runs/dvae
 
-Args: size=tiny|small (tiny: the README demo, about 6 minutes on 2 CPU cores; small: about
-20-30 CPU minutes, wider), steps=<override total steps>, batch=<global batch>.
-
-The tiny dVAE's recipe was chosen with the demo's caption checker (one seed each, GPU
-runs of the demo configs, "ceiling" = how often its reconstructions of real validation /
-held-out images pass the checker):
-
-* the temperature τ is annealed over the whole run, not the first half: with τ at 1/16
-  from step 750 the codes freeze early (~40 codes used, ceiling 70% / 50%); annealed over
-  all 1,500 steps, ~100 codes, ceiling 90% / 83%, the same as twice the steps with the
-  half-run schedule;
-* 256 codes instead of 512: the same ceiling (95% / 89%) with a denser codebook, so each
-  code is seen more often in the transformer's 2,000 steps. In the GPU sweep its samples
-  passed far more often (61.5% / 46.5% vs 51.5% / 20.5% at temperature 1); on CPU the
-  two were within run-to-run noise (46.5% / 24% vs 50.5% / 25.5%), and the full recipe
-  below reached 60% / 29.5% at temperature 1 and 65.5% / 45.5% at 0.7;
-* global-norm gradient clipping at 1 (the paper clips nothing): without it seed 1 (of
-  this recipe and of the earlier one) collapses onto one or two codes within the first
-  100 updates, while seeds 0, 2 and 3 train normally; with it all four train, and seed
-  0 reconstructs better (validation MSE 0.0021 vs 0.0032, 2-core CPU run);
-* batch 32 or 8 instead of 16 collapsed onto 7-13 codes; a peak learning rate of 3e-3 or
-  4e-3 collapsed onto a single code (constant reconstructions).
-
-On 2 CPU cores the tiny recipe's 1,500 steps take about 6.3 minutes; its reconstructions
-of real images pass the caption checker 98% / 96.5% of the time (validation / held-out
-objects), with ~90 of the 256 codes in use.
+Args: size=tiny|small (tiny: the README demo, about 6 minutes on 2 CPU cores; small:
+wider, about 20-30 CPU minutes), steps=<override total steps>, batch=<global batch>.
 
 The paper's recipe (App. A.2) with its step counts scaled down: soft Gumbel-softmax
-relaxation, KL to the uniform prior, cosine KL-weight warm-up over the first 5% of the
-run, temperature 1 -> 1/16 over the whole run, cosine learning-rate decay, AdamW, EMA
-of the parameters. Deviations from the paper, each because the run is a few thousand
-updates instead of 3M on synthetic images:
+relaxation, KL to the uniform prior, a cosine KL-weight warm-up over the first 5% of the
+run, temperature 1 -> 1/16, cosine learning-rate decay, AdamW and an EMA of the
+parameters. Because the run is a few thousand updates on synthetic images instead of 3M:
 
 * loss.recon = "mse" (Gaussian, std 0.1 on the mapped scale) instead of the logit-Laplace
-  likelihood: the black background is exactly constant, so the logit-Laplace NLL keeps
-  improving by shrinking b there while the objects (15% of the pixels) are fitted as
-  outliers at their median, the background colour; reconstructions never leave black.
-* KL weight β -> 1 instead of 6.6: in units of the "mse" term 6.6 would over-weight the
-  KL, which pulls the codes towards uniform before they carry any information.
-* model.post_gain = 1 instead of 1/n_layers²: the paper's constant keeps the residual
-  branches near zero for far longer than this run lasts.
-* learning rate 2e-3 instead of 1e-4, reached by a linear warm-up over the first 10%
-  (the paper has none): a short run with a small model; without the warm-up the first
-  Adam steps at this rate often kill the decoder's last ReLU layer (all units dead, the
-  gradient vanishes and reconstructions stay black).
+  likelihood: the background is exactly black, so the logit-Laplace NLL keeps improving by
+  shrinking b there while the objects (15% of the pixels) are fitted as outliers at the
+  background colour, and reconstructions never leave black;
+* KL weight beta -> 1 instead of 6.6: in units of the "mse" term 6.6 pulls the codes
+  towards uniform before they carry any information;
+* model.post_gain = 1 instead of 1/n_layers^2: the paper's constant keeps the residual
+  branches near zero for far longer than this run lasts;
+* learning rate 2e-3 after a linear warm-up over the first 10% (the paper: 1e-4, no
+  warm-up): without the warm-up the first Adam steps at this rate often kill the
+  decoder's last ReLU layer and reconstructions stay black;
+* the temperature is annealed over the whole run rather than the first half, 256 codes
+  rather than 512, global-norm gradient clipping at 1 (the paper clips nothing) and batch
+  16: with the alternatives the codebook froze early, was used more sparsely, or some
+  seeds collapsed onto a few codes (docs/experiments.md has the runs).
 
 Results land in WORKDIR/metrics.jsonl, WORKDIR/eval/recon_latest.png and
-WORKDIR/exports/step_N (params for encoding and sampling).
+WORKDIR/exports/step_N (params for encoding and sampling); --job=encode writes the token
+directory stage 2 trains on (WORKDIR/tokens).
 """
 
 import common  # noqa: I001
@@ -87,7 +67,7 @@ def get_config(arg=None):
     c.schedules.tau.steps = steps
     c.optim = common.dvae_optim()
     # Global-norm clipping at 1: without it some seeds collapse onto one or two codes
-    # within the first 100 updates (see the module docstring).
+    # within the first 100 updates (docs/experiments.md).
     c.optim.clip_global_norm = 1.0
     c.optim.lr = dict(kind="warmup_cosine", peak=v["lr"], end_value=v["lr"] / 80,
                       warmup=max(1, steps // 10), steps=steps)
