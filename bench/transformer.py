@@ -38,7 +38,7 @@ import numpy as np
 from dalle_jax import sharding, treeutil
 from dalle_jax.models import transformer as tfm
 from dalle_jax.sample import sampler as smp
-from dalle_jax.tokenizers import dvae
+from dalle_jax.tokenizers import dvae, image_tokenizer
 from dalle_jax.train import lm_task, loop, optim
 
 # Dense peak FLOP/s by device kind and compute dtype, for the utilisation figure.
@@ -193,7 +193,7 @@ def bench_sampling(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
                                        sampling=smp.SamplingConfig(top_k=top_k)))
     dcfg = dvae.DVAEConfig(image_size=mcfg.grid * 8, n_hid=16, n_blk_per_group=1,
                            vocab_size=mcfg.image_vocab)
-    decoder = dvae.ImageTokenizer(dcfg, dvae.init_params(dcfg, jax.random.key(2)))
+    decoder = image_tokenizer.ImageTokenizer(dcfg, dvae.init_params(dcfg, jax.random.key(2)))
     text = np.random.default_rng(0).integers(0, mcfg.text_vocab,
                                              (a.sample_batch, mcfg.text_len), dtype=np.int32)
     ids = np.arange(a.sample_batch, dtype=np.int32)

@@ -122,7 +122,7 @@ def dvae_paper_schedules() -> mlc.ConfigDict:
 
 def dvae_loss(recon: str = "logit_laplace", ln_b_min: float = float("-inf"),
               mse_sigma: float = 0.1) -> mlc.ConfigDict:
-    """The dVAE's reconstruction term (see `dvae.recon_nll`); the defaults are the paper's
+    """The dVAE's reconstruction term (see `dvae_objective.recon_nll`); the defaults are the paper's
     unclamped logit-Laplace likelihood (App. A.3). ``mse_sigma`` only matters for "mse"."""
     return mlc.ConfigDict(dict(recon=recon, ln_b_min=float(ln_b_min), mse_sigma=float(mse_sigma)))
 

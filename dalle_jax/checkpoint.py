@@ -8,19 +8,15 @@ A checkpoint step holds three items:
     next batch;
   * ``meta``: what the run is (task kind, model config, config), checked before the
     state is restored so a checkpoint from a different model fails with a clear error.
-Params-only exports (optionally bf16) serve sampling and Colab.
+Params-only exports, which sampling and Colab read, are `dalle_jax.exports`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 ITEMS = ("state", "data", "meta")
 
@@ -122,59 +118,12 @@ def find_checkpoint(path: str) -> tuple[str, int]:
     return path, steps[-1]
 
 
-def export_params(path: str, params: Any, meta: dict, *, dtype: str | None = None) -> str:
-    """Writes params only (for sampling / Colab), as ``path/params`` + ``path/meta.json``.
-
-    Refuses to overwrite an existing export: nothing already saved is replaced.
-    """
-    path = os.path.abspath(path)
-    if os.path.exists(path) and os.listdir(path):
-        raise FileExistsError(f"export directory {path!r} exists and is not empty; choose another")
-    if dtype is not None:
-        params = jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x,
-                              params)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(epath.Path(path) / "params", params)
-    ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        with open(os.path.join(path, "meta.json"), "w") as f:
-            json.dump(dict(meta, export_dtype=dtype or "float32"), f, indent=2, sort_keys=True,
-                      default=str)
-    return path
-
-
-def read_export_meta(path: str) -> dict:
-    """The ``meta.json`` of an ``export_params`` directory (identity, step, dtype)."""
-    meta_path = os.path.join(os.path.abspath(path), "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{path!r} is not a params export (no meta.json)")
-    with open(meta_path) as f:
-        return json.load(f)
-
-
-def load_params(path: str, *, identity: dict | None = None, abstract: Any = None) -> tuple[Any, dict]:
-    """Loads an ``export_params`` directory; checks identity if given.
-
-    With ``abstract`` (ShapeDtypeStructs carrying shardings) the params land sharded.
-    """
-    path = os.path.abspath(path)
-    meta = read_export_meta(path)
-    if identity is not None:
-        check_compatible(meta, identity, path)
-    ckptr = ocp.StandardCheckpointer()
-    if abstract is None:
-        params = ckptr.restore(epath.Path(path) / "params")
-    else:
-        params = ckptr.restore(epath.Path(path) / "params", abstract)
-    return params, meta
-
-
 def params_from_checkpoint(path: str, *, ema: bool = True) -> tuple[Any, dict]:
     """``(params, meta)`` of a training checkpoint (``.../checkpoints`` for its newest step,
     or ``.../checkpoints/<step>``): the EMA params when ``ema`` and the run kept them.
 
     Read without the model's code (the saved tree as it is), so any stage's checkpoint
-    can be exported.
+    can be exported (`dalle_jax.exports.convert`).
     """
     directory, step = find_checkpoint(path)
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
@@ -188,20 +137,3 @@ def params_from_checkpoint(path: str, *, ema: bool = True) -> tuple[Any, dict]:
     params = state["ema_params"] if ema and "ema_params" in state else state["params"]
     return params, dict(meta, step=int(step), ema=bool(ema and "ema_params" in state))
 
-
-def convert_export(source: str, out: str, dtype: str) -> str:
-    """Writes ``source`` (a params export, or a training checkpoint: see
-    `params_from_checkpoint`) as a params export in ``dtype`` at ``out``.
-
-    The identity and metadata are kept, so the new export loads wherever the old one
-    did; floating leaves are cast, integer leaves kept. ``out`` must not exist yet.
-    """
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"export dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    if os.path.exists(os.path.join(os.path.abspath(source), "meta.json")):
-        params, meta = load_params(source)
-    else:
-        params, meta = params_from_checkpoint(source)
-    meta = {k: v for k, v in meta.items() if k != "export_dtype"}
-    meta["converted_from"] = os.path.abspath(source)
-    return export_params(out, params, meta, dtype=dtype)

@@ -121,8 +121,8 @@ def train_dvae(cfg, workdir: str) -> None:
     A run whose last checkpoint already reached ``total_steps`` and has an export is
     skipped, so rerunning the demo costs nothing.
     """
+    from dalle_jax import exports
     from dalle_jax.data import sources
-    from dalle_jax.tokenizers import params_io
     from dalle_jax.train import dvae_task, loop
 
     def run_training():
@@ -131,8 +131,8 @@ def train_dvae(cfg, workdir: str) -> None:
                           lambda: sources.make_input(cfg.data, cfg.data.train_split, train=True))
 
     def export(export_dir, params, step, ema):
-        params_io.save_params(export_dir, dvae_task.model_config(cfg), params, step=step,
-                              source="trained", ema=ema)
+        exports.save_dvae(export_dir, dvae_task.model_config(cfg), params, step=step,
+                          source="trained", ema=ema)
 
     _train_then_export(cfg, workdir, "dVAE", run_training, export)
 
@@ -144,7 +144,7 @@ def encode(cfg, workdir: str) -> None:
     Output: ``cfg.encode.out_dir`` or ``workdir/tokens``; finished shards are skipped.
     """
     from dalle_jax.tokenizers import pre_encode
-    from dalle_jax.tokenizers.dvae import ImageTokenizer
+    from dalle_jax.tokenizers.image_tokenizer import ImageTokenizer
 
     params_dir = cfg.encode.params or latest_export(workdir)
     if not params_dir:
@@ -240,7 +240,7 @@ def train(cfg, workdir: str) -> None:
     or ``workdir/bpe.model`` (``--job=train_bpe`` makes it). The export goes to
     ``workdir/exports/step_N``; a run already exported at ``total_steps`` is skipped.
     """
-    from dalle_jax import checkpoint as ckpt_lib
+    from dalle_jax import exports
     from dalle_jax.data import text_pipeline
     from dalle_jax.tokenizers import bpe
     from dalle_jax.train import lm_task, loop
@@ -259,8 +259,8 @@ def train(cfg, workdir: str) -> None:
             cfg.data, cfg.text, tokenizer, cfg.data.train_split, train=True))
 
     def export(export_dir, params, step, ema):
-        ckpt_lib.export_params(export_dir, params, {"identity": task.identity, "step": step,
-                                                    "ema": ema, "task": task.name})
+        exports.write_trained(export_dir, params, identity=task.identity, task=task.name,
+                              step=step, ema=ema)
 
     _train_then_export(cfg, workdir, "transformer", run_training, export)
 
@@ -323,7 +323,7 @@ def export(cfg, workdir: str) -> None:
     """
     import jax
 
-    from dalle_jax import checkpoint as ckpt_lib
+    from dalle_jax import exports
 
     e = cfg.export
     source = str(e.source) or latest_export(workdir)
@@ -333,15 +333,14 @@ def export(cfg, workdir: str) -> None:
     dtype = str(e.dtype)
     out = str(e.out) or os.path.abspath(source).rstrip("/") + f"_{dtype}"
     if os.path.isdir(out) and os.listdir(out):
-        meta = ckpt_lib.read_export_meta(out) if os.path.exists(
-            os.path.join(out, "meta.json")) else {}
+        meta = exports.read_meta(out) if exports.is_export(out) else {}
         if meta.get("export_dtype") == dtype and meta.get("converted_from") == \
                 os.path.abspath(source):
             print(f"already exported: {out}")
             return
         raise FileExistsError(f"export.out {out!r} exists and holds something else; "
                               "choose another path")
-    ckpt_lib.convert_export(source, out, dtype)
+    exports.convert(source, out, dtype)
     if jax.process_index() == 0:
         print(f"{dtype} export of {source} written to {out}")
 

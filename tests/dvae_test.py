@@ -1,4 +1,5 @@
-"""Tests of the dVAE model, relaxation and objective (dalle_jax.tokenizers.dvae)."""
+"""Tests of the dVAE model, its objective and the image tokenizer (dalle_jax.tokenizers.dvae,
+dvae_objective, image_tokenizer)."""
 
 import functools
 import math
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from dalle_jax.tokenizers import dvae
+from dalle_jax import treeutil
+from dalle_jax.tokenizers import dvae, dvae_objective, image_tokenizer
 
 TINY = dvae.DVAEConfig(image_size=16, group_count=3, n_hid=16, n_blk_per_group=2, n_init=8,
                        vocab_size=32)
@@ -34,8 +36,8 @@ def _images(shape, seed=0, dtype=np.uint8):
 
 def test_paper_param_counts_without_allocation():
     abstract = dvae.abstract_params(dvae.DVAEConfig())
-    assert dvae.count_params(abstract["encoder"]) == 53_786_240
-    assert dvae.count_params(abstract["decoder"]) == 43_829_766
+    assert treeutil.count_params(abstract["encoder"]) == 53_786_240
+    assert treeutil.count_params(abstract["decoder"]) == 43_829_766
     assert len(jax.tree.leaves(abstract["encoder"])) == 74
     assert len(jax.tree.leaves(abstract["decoder"])) == 76
     flat = traverse_util.flatten_dict(abstract, sep="/")
@@ -72,13 +74,13 @@ def test_config_validation_and_dict_round_trip():
 
 def test_tiny_forward_shapes_and_finiteness(tiny_params):
     images = _images((2, 16, 16, 3))
-    encode_logits = _jit(dvae.encode_logits, model=TINY)
+    encode_logits = _jit(image_tokenizer.encode_logits, model=TINY)
     logits = encode_logits(tiny_params, images)
     assert logits.shape == (2, 4, 4, 32) and logits.dtype == jnp.float32
-    tokens = _jit(dvae.encode, model=TINY)(tiny_params, images)
+    tokens = _jit(image_tokenizer.encode, model=TINY)(tiny_params, images)
     assert tokens.shape == (2, 4, 4) and tokens.dtype == jnp.int32
     np.testing.assert_array_equal(tokens, jnp.argmax(logits, -1))
-    stats = _jit(dvae.decode_tokens, model=TINY)(tiny_params, tokens)
+    stats = _jit(image_tokenizer.decode_tokens, model=TINY)(tiny_params, tokens)
     assert stats.shape == (2, 16, 16, 6) and stats.dtype == jnp.float32
     out = dvae.stats_to_images(stats)
     assert out.shape == (2, 16, 16, 3)
@@ -93,8 +95,8 @@ def test_tiny_forward_shapes_and_finiteness(tiny_params):
 def test_bfloat16_compute_keeps_fp32_ends(tiny_params):
     cfg = dvae.DVAEConfig(**{**TINY.to_dict(), "dtype": "bfloat16"})
     images = _images((1, 16, 16, 3))
-    logits = _jit(dvae.encode_logits, model=cfg)(tiny_params, images)
-    ref = _jit(dvae.encode_logits, model=TINY)(tiny_params, images)
+    logits = _jit(image_tokenizer.encode_logits, model=cfg)(tiny_params, images)
+    ref = _jit(image_tokenizer.encode_logits, model=TINY)(tiny_params, images)
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, ref, atol=0.1 * float(jnp.abs(ref).max()) + 1e-3)
 
@@ -148,33 +150,33 @@ def test_decode_tokens_equals_decode_relaxed_one_hot(tiny_params):
     params = jax.tree.map(lambda x: x, tiny_params)
     params["decoder"]["input"]["bias"] = jnp.linspace(-1.0, 1.0, TINY.n_init)
     tokens = jax.random.randint(jax.random.key(1), (2, 4, 4), 0, TINY.vocab_size)
-    a = _jit(dvae.decode_tokens, model=TINY)(params, tokens)
-    b = _jit(dvae.decode_relaxed, model=TINY)(params, jax.nn.one_hot(tokens, TINY.vocab_size))
+    a = _jit(image_tokenizer.decode_tokens, model=TINY)(params, tokens)
+    b = _jit(image_tokenizer.decode_relaxed, model=TINY)(params, jax.nn.one_hot(tokens, TINY.vocab_size))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_kl_to_uniform():
     v = 32
-    np.testing.assert_allclose(dvae.kl_to_uniform(jnp.zeros((3, v))), 0.0, atol=1e-6)
+    np.testing.assert_allclose(dvae_objective.kl_to_uniform(jnp.zeros((3, v))), 0.0, atol=1e-6)
     peaked = jnp.zeros((v,)).at[5].set(100.0)
-    np.testing.assert_allclose(dvae.kl_to_uniform(peaked), math.log(v), rtol=1e-5)
+    np.testing.assert_allclose(dvae_objective.kl_to_uniform(peaked), math.log(v), rtol=1e-5)
     logits = jax.random.normal(jax.random.key(0), (4, v))
     q = np.asarray(jax.nn.softmax(logits, -1), np.float64)
     direct = np.sum(q * np.log(q * v), -1)
-    np.testing.assert_allclose(dvae.kl_to_uniform(logits), direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dvae_objective.kl_to_uniform(logits), direct, rtol=1e-5, atol=1e-6)
 
 
 def test_gumbel_softmax():
     logits = jax.random.normal(jax.random.key(0), (5, 7, 32)) * 3
     rng = jax.random.key(1)
-    soft = dvae.gumbel_softmax(logits, rng, 1.0)
+    soft = dvae_objective.gumbel_softmax(logits, rng, 1.0)
     np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-5)
     assert bool(jnp.all(soft >= 0))
     # Same noise at every tau: the sample sharpens towards one_hot(argmax(logits + g)).
-    peaks = [float(jnp.mean(jnp.max(dvae.gumbel_softmax(logits, rng, t), -1)))
+    peaks = [float(jnp.mean(jnp.max(dvae_objective.gumbel_softmax(logits, rng, t), -1)))
              for t in (1.0, 0.1, 1e-3)]
     assert peaks[0] < peaks[1] < peaks[2] and peaks[2] > 0.99
-    cold = dvae.gumbel_softmax(logits, rng, 1e-3)
+    cold = dvae_objective.gumbel_softmax(logits, rng, 1e-3)
     np.testing.assert_array_equal(jnp.argmax(cold, -1), jnp.argmax(soft, -1))
     # Noise really is there: samples differ from the plain argmax somewhere.
     assert bool(jnp.any(jnp.argmax(cold, -1) != jnp.argmax(logits, -1)))
@@ -193,7 +195,7 @@ def test_logit_laplace_nll_matches_density():
     x = rng.uniform(0.1, 0.9, size=(4, 3))
     mu = rng.normal(size=(4, 3))
     ln_b = rng.normal(scale=0.5, size=(4, 3))
-    nll, nll_param = dvae.logit_laplace_nll(jnp.asarray(x, jnp.float32),
+    nll, nll_param = dvae_objective.logit_laplace_nll(jnp.asarray(x, jnp.float32),
                                             jnp.asarray(np.concatenate([mu, ln_b], -1), jnp.float32))
     b = np.exp(ln_b)
     density = 1.0 / (2 * b * x * (1 - x)) * np.exp(-np.abs(np.log(x / (1 - x)) - mu) / b)
@@ -213,31 +215,31 @@ def test_recon_nll_options():
     ln_b = np.array([[-5.0, 0.3, -1.0]] * 4)
     stats = jnp.asarray(np.concatenate([mu, ln_b], -1), jnp.float32)
     # Default: the unclamped logit-Laplace term.
-    np.testing.assert_allclose(dvae.recon_nll(x, stats)[0], dvae.logit_laplace_nll(x, stats)[0])
+    np.testing.assert_allclose(dvae_objective.recon_nll(x, stats)[0], dvae_objective.logit_laplace_nll(x, stats)[0])
     # ln_b_min floors ln b (and only ln b) before the logit-Laplace term.
     floored = jnp.asarray(np.concatenate([mu, np.maximum(ln_b, -2.0)], -1), jnp.float32)
-    np.testing.assert_allclose(dvae.recon_nll(x, stats, ln_b_min=-2.0)[0],
-                               dvae.logit_laplace_nll(x, floored)[0], rtol=1e-6)
-    grad_ln_b = jax.grad(lambda s: dvae.recon_nll(x, s, ln_b_min=-2.0)[0].sum())(stats)[:, 3:]
+    np.testing.assert_allclose(dvae_objective.recon_nll(x, stats, ln_b_min=-2.0)[0],
+                               dvae_objective.logit_laplace_nll(x, floored)[0], rtol=1e-6)
+    grad_ln_b = jax.grad(lambda s: dvae_objective.recon_nll(x, s, ln_b_min=-2.0)[0].sum())(stats)[:, 3:]
     assert np.all(np.asarray(grad_ln_b)[:, 0] == 0) and np.all(np.asarray(grad_ln_b)[:, 1:] != 0)
     # "mse": Gaussian density of the mapped pixel around sigmoid(mu), ln b ignored.
-    nll, nll_param = dvae.recon_nll(x, stats, recon_loss="mse", mse_sigma=0.2)
+    nll, nll_param = dvae_objective.recon_nll(x, stats, recon_loss="mse", mse_sigma=0.2)
     mean = 1 / (1 + np.exp(-mu))
     density = np.exp(-((np.asarray(x) - mean) ** 2) / (2 * 0.2**2)) / (0.2 * math.sqrt(2 * math.pi))
     np.testing.assert_allclose(nll, -np.log(density), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(nll_param, (np.asarray(x) - mean) ** 2 / 0.08, rtol=1e-5, atol=1e-6)
-    grads = jax.grad(lambda s: dvae.recon_nll(x, s, recon_loss="mse")[0].sum())(stats)
+    grads = jax.grad(lambda s: dvae_objective.recon_nll(x, s, recon_loss="mse")[0].sum())(stats)
     assert np.all(np.asarray(grads)[:, 3:] == 0) and np.all(np.asarray(grads)[:, :3] != 0)
     with pytest.raises(ValueError, match="recon_loss must be one of"):
-        dvae.recon_nll(x, stats, recon_loss="l1")
+        dvae_objective.recon_nll(x, stats, recon_loss="l1")
     with pytest.raises(ValueError, match="sigma must be > 0"):
-        dvae.recon_nll(x, stats, recon_loss="mse", mse_sigma=0.0)
+        dvae_objective.recon_nll(x, stats, recon_loss="mse", mse_sigma=0.0)
 
 
 def test_dvae_loss_with_mse_recon(tiny_params):
     images = _images((2, 16, 16, 3), seed=4)
     rng = jax.random.key(5)
-    loss, aux = _jit(dvae.dvae_loss, tau=0.5, beta=2.0, model=TINY, recon_loss="mse",
+    loss, aux = _jit(dvae_objective.dvae_loss, tau=0.5, beta=2.0, model=TINY, recon_loss="mse",
                      mse_sigma=0.1)(tiny_params, images, rng)
     np.testing.assert_allclose(loss, aux["recon_nll"] + 2.0 * aux["kl_per_dim"], rtol=1e-5)
     np.testing.assert_allclose(aux["recon_nll"] - aux["recon_nll_param"],
@@ -245,9 +247,9 @@ def test_dvae_loss_with_mse_recon(tiny_params):
     expected_bpd = (aux["recon_nll"] + math.log(255 / 0.8) + aux["kl_per_dim"]) / math.log(2)
     np.testing.assert_allclose(aux["elb_bpd"], expected_bpd, rtol=1e-5)
     # The parameter-dependent part is the squared error on the mapped scale over 2 sigma^2.
-    stats = dvae.decode_relaxed(
+    stats = image_tokenizer.decode_relaxed(
         tiny_params,
-        dvae.gumbel_softmax(dvae.encode_logits(tiny_params, images, model=TINY), rng, 0.5),
+        dvae_objective.gumbel_softmax(image_tokenizer.encode_logits(tiny_params, images, model=TINY), rng, 0.5),
         model=TINY)
     x_mapped = dvae.map_pixels(dvae.to_unit_interval(images))
     sq = jnp.mean((jax.nn.sigmoid(stats[..., :3]) - x_mapped) ** 2)
@@ -257,7 +259,7 @@ def test_dvae_loss_with_mse_recon(tiny_params):
 def test_dvae_loss_and_gradients(tiny_params):
     images = _images((2, 16, 16, 3), seed=3)
     rng = jax.random.key(2)
-    loss_fn = jax.jit(lambda p, x, r: dvae.dvae_loss(p, x, r, tau=1.0, beta=6.6, model=TINY))
+    loss_fn = jax.jit(lambda p, x, r: dvae_objective.dvae_loss(p, x, r, tau=1.0, beta=6.6, model=TINY))
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tiny_params, images, rng)
     d = 16 * 16 * 3
     np.testing.assert_allclose(loss, aux["recon_nll"] + 6.6 * aux["kl_per_dim"], rtol=1e-5)
@@ -276,27 +278,27 @@ def test_dvae_loss_and_gradients(tiny_params):
     assert float(jnp.abs(flat["encoder/input/kernel"]).max()) > 0
     assert float(jnp.abs(flat["decoder/input/kernel"]).max()) > 0
     # The true-ELB path (a hard sample) also runs.
-    _, hard = _jit(dvae.dvae_loss, tau=1.0, beta=1.0, model=TINY, hard_sample=True)(
+    _, hard = _jit(dvae_objective.dvae_loss, tau=1.0, beta=1.0, model=TINY, hard_sample=True)(
         tiny_params, images, rng)
     assert bool(jnp.isfinite(hard["elb_bpd"]))
 
 
 def test_bad_inputs(tiny_params):
     with pytest.raises(ValueError, match="images are 32x32 .*image_size=16"):
-        dvae.encode(tiny_params, _images((1, 32, 32, 3)), model=TINY)
+        image_tokenizer.encode(tiny_params, _images((1, 32, 32, 3)), model=TINY)
     with pytest.raises(ValueError, match="1 channels .*input_channels=3"):
-        dvae.encode(tiny_params, _images((1, 16, 16, 1)), model=TINY)
+        image_tokenizer.encode(tiny_params, _images((1, 16, 16, 1)), model=TINY)
     with pytest.raises(ValueError, match="4-D"):
-        dvae.encode(tiny_params, _images((16, 16, 3)), model=TINY)
+        image_tokenizer.encode(tiny_params, _images((16, 16, 3)), model=TINY)
     with pytest.raises(ValueError, match="dtype int32"):
-        dvae.encode(tiny_params, _images((1, 16, 16, 3)).astype(np.int32), model=TINY)
+        image_tokenizer.encode(tiny_params, _images((1, 16, 16, 3)).astype(np.int32), model=TINY)
     with pytest.raises(ValueError, match=r"\(B, 4, 4\)"):
-        dvae.decode(tiny_params, jnp.zeros((1, 8, 8), jnp.int32), model=TINY)
+        image_tokenizer.decode(tiny_params, jnp.zeros((1, 8, 8), jnp.int32), model=TINY)
     with pytest.raises(ValueError, match="integers"):
-        dvae.decode(tiny_params, jnp.zeros((1, 4, 4), jnp.float32), model=TINY)
+        image_tokenizer.decode(tiny_params, jnp.zeros((1, 4, 4), jnp.float32), model=TINY)
     with pytest.raises(ValueError, match=r"\(B, 4, 4, 32\)"):
-        dvae.decode_relaxed(tiny_params, jnp.zeros((1, 4, 4, 16)), model=TINY)
-    tok = dvae.ImageTokenizer(TINY, tiny_params)
+        image_tokenizer.decode_relaxed(tiny_params, jnp.zeros((1, 4, 4, 16)), model=TINY)
+    tok = image_tokenizer.ImageTokenizer(TINY, tiny_params)
     with pytest.raises(ValueError, match=r"\[0, 32\), got min 32, max 32"):
         tok.decode(np.full((1, 4, 4), 32))
     with pytest.raises(ValueError, match="got min -1"):
@@ -306,10 +308,10 @@ def test_bad_inputs(tiny_params):
 
 
 def test_image_tokenizer_round_trip(tiny_params):
-    tok = dvae.ImageTokenizer(TINY, tiny_params)
+    tok = image_tokenizer.ImageTokenizer(TINY, tiny_params)
     images = _images((3, 16, 16, 3), seed=5)
     tokens = tok.encode(images)
-    logits = _jit(dvae.encode_logits, model=TINY)(tiny_params, images)
+    logits = _jit(image_tokenizer.encode_logits, model=TINY)(tiny_params, images)
     np.testing.assert_array_equal(tokens, jnp.argmax(logits, -1))
     out = tok.decode(np.asarray(tokens))
     assert out.shape == (3, 16, 16, 3) and out.dtype == jnp.float32
@@ -323,7 +325,7 @@ def test_logical_constraints_under_mesh(tiny_params):
     from dalle_jax import sharding
     mesh = sharding.make_mesh({"data": -1})
     images = _images((8, 16, 16, 3))
-    fn = jax.jit(lambda p, x: dvae.encode(p, x, model=TINY))
+    fn = jax.jit(lambda p, x: image_tokenizer.encode(p, x, model=TINY))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.get_rules("fsdp")):
         assert "sharding_constraint" in str(fn.lower(tiny_params, images).as_text())
         tokens = fn(tiny_params, images)

@@ -304,13 +304,14 @@ def test_bad_requests_are_clear_errors(coco_dir, model, tmp_path):
     with pytest.raises(ValueError, match=r"rerank_sizes \[8\] outside \[1, num_candidates=4\]"):
         coco.eval_coco(cfg, str(tmp_path / "c"))
     # A dVAE other than the transformer's is refused before settings.json pins it.
-    from dalle_jax.tokenizers import dvae as dvae_lib, params_io
+    from dalle_jax import exports
+    from dalle_jax.tokenizers import dvae as dvae_lib
 
     from train_lm_test import DVAE
 
     other = dvae_lib.DVAEConfig(**{**DVAE.to_dict(), "n_hid": 16})
     other_dir = str(tmp_path / "other_dvae")
-    params_io.save_params(other_dir, other, dvae_lib.init_params(other, jax.random.key(1)))
+    exports.save_dvae(other_dir, other, dvae_lib.init_params(other, jax.random.key(1)))
     cfg = _eval_cfg(coco_dir, model)
     cfg.sample.dvae = other_dir
     with pytest.raises(ValueError, match="not the one the transformer was trained on.*n_hid"):

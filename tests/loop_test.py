@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dalle_jax import checkpoint as ckpt_lib
+from dalle_jax import exports
 from dalle_jax import metrics as metrics_lib
 from dalle_jax.train import loop
 
@@ -137,10 +138,10 @@ def test_non_finite_loss_stops_with_step_range(tmp_path):
 
 def test_init_params_from_export(tmp_path):
     state = loop.train(_cfg(total=2), str(tmp_path / "a"), _task(), lambda: _Iter())
-    export = ckpt_lib.export_params(str(tmp_path / "export"), state.params,
+    export = exports.write(str(tmp_path / "export"), state.params,
                                     {"task": "toy", "identity": {"width": 1}})
     with pytest.raises(FileExistsError):
-        ckpt_lib.export_params(export, state.params, {"identity": {}})
+        exports.write(export, state.params, {"identity": {}})
     cfg = _cfg(total=1)
     cfg.ckpt.init_params = export
     seen = {}

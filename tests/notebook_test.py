@@ -9,8 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from dalle_jax import checkpoint as ckpt_lib
-from dalle_jax import jobs
+from dalle_jax import exports, jobs
 from dalle_jax.models import clip
 from dalle_jax.train import clip_task
 
@@ -29,7 +28,7 @@ def _tiny_scorer_export(out: str, bpe_path: str) -> str:
                              activation="gelu")
     meta = {"identity": {"kind": "clip", "model": dataclasses.asdict(config),
                          "tokenizer": tok.identity()}, "source": "trained", "step": 0}
-    ckpt_lib.export_params(out, clip.init_params(config, jax.random.key(0)), meta)
+    exports.write(out, clip.init_params(config, jax.random.key(0)), meta)
     os.makedirs(os.path.join(out, "tokenizer"))
     shutil.copyfile(bpe_path, os.path.join(out, "tokenizer", tok.identity()["file"]))
     return out

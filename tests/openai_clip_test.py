@@ -15,7 +15,7 @@ import regex
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from dalle_jax import checkpoint
+from dalle_jax import exports
 from dalle_jax.models import clip
 from dalle_jax.rerank import clip_tokenizer, openai_clip
 
@@ -350,7 +350,7 @@ def test_heads_not_64_wide(tmp_path, tokenizer, merges_file):
     folder = tmp_path / "hf_clip"
     model.save_pretrained(str(folder))
     out = openai_clip.import_clip(str(folder), merges_file, str(tmp_path / "export"))
-    meta = checkpoint.read_export_meta(out)
+    meta = exports.read_meta(out)
     assert meta["identity"]["model"]["vision_heads"] == 2
     assert meta["identity"]["model"]["text_heads"] == 2
     assert meta["checkpoint"] == "hf_clip"
@@ -364,7 +364,7 @@ def test_import_round_trip(tokenizer, merges_file, tmp_path):
     out = openai_clip.import_clip(str(ckpt), merges_file, str(out_dir))
     assert out == str(out_dir)
 
-    meta = checkpoint.read_export_meta(out)
+    meta = exports.read_meta(out)
     config, ref_params = openai_clip.convert(model.state_dict())
     assert meta["source"] == "openai" and meta["checkpoint"] == "ViT-tiny.pt"
     ident = meta["identity"]
@@ -373,7 +373,7 @@ def test_import_round_trip(tokenizer, merges_file, tmp_path):
     assert ident["tokenizer"] == tokenizer.identity()
     copied = out_dir / "tokenizer" / ident["tokenizer"]["file"]
     assert copied.read_bytes() == open(merges_file, "rb").read()
-    params, _ = checkpoint.load_params(out)
+    params, _ = exports.load(out)
     jax.tree.map(np.testing.assert_array_equal, params, ref_params)
 
     # The scorer reads the export back and scores with the right embeddings.

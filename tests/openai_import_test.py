@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from dalle_jax.tokenizers import dvae, openai_import, params_io
+from dalle_jax import exports, treeutil
+from dalle_jax.tokenizers import dvae, image_tokenizer, openai_import
 
 IMAGE = 32  # grid 4 with group_count 4
 N_HID, VOCAB, N_BLK = 64, 512, 2
@@ -24,10 +25,12 @@ def _jit(fn, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """Randomised dall_e Encoder/Decoder, pickled to disk; returns (enc, dec, enc_pkl, dec_pkl)."""
-    torch = pytest.importorskip("torch")
-    dall_e = pytest.importorskip("dall_e")
+def release(tmp_path_factory, require):
+    """Randomised dall_e Encoder/Decoder, pickled to disk; returns (enc, dec, enc_pkl, dec_pkl).
+
+    Skips without torch or dall_e, except in CI, where it fails naming the missing package."""
+    torch = require("torch")
+    dall_e = require("dall_e")
     torch.manual_seed(0)
     kw = dict(n_hid=N_HID, n_blk_per_group=N_BLK, vocab_size=VOCAB,
               device=torch.device("cpu"), requires_grad=False, use_mixed_precision=False)
@@ -64,7 +67,7 @@ def test_config_inferred(converted, release):
                                      vocab_size=VOCAB)
     enc, dec, _, _ = release
     n_torch = sum(p.numel() for p in enc.parameters()) + sum(p.numel() for p in dec.parameters())
-    assert dvae.count_params(params) == n_torch
+    assert treeutil.count_params(params) == n_torch
     flat = traverse_util.flatten_dict(params, sep="/")
     w = enc.state_dict()["blocks.group_2.block_1.res_path.conv_1.w"].numpy()
     np.testing.assert_array_equal(
@@ -74,7 +77,7 @@ def test_config_inferred(converted, release):
 
 
 def test_encoder_matches_release(converted, release):
-    torch = pytest.importorskip("torch")
+    import torch  # installed: the release fixture requires it
     from dall_e import map_pixels
 
     config, params = converted
@@ -85,7 +88,7 @@ def test_encoder_matches_release(converted, release):
     with torch.no_grad():
         ref = enc(map_pixels(torch.from_numpy(x01.transpose(0, 3, 1, 2).copy())))
     ref = ref.numpy().transpose(0, 2, 3, 1)  # (B, G, G, V)
-    ours = np.asarray(_jit(dvae.encode_logits, model=config)(params, images))
+    ours = np.asarray(_jit(image_tokenizer.encode_logits, model=config)(params, images))
     assert ours.shape == ref.shape == (2, 4, 4, VOCAB)
     scale = float(np.abs(ref).max())
     assert scale > 1.0
@@ -94,12 +97,12 @@ def test_encoder_matches_release(converted, release):
     top2 = np.sort(ref, -1)[..., -2:]
     clear = (top2[..., 1] - top2[..., 0]) > 1e-3 * scale
     assert clear.mean() > 0.9
-    tokens = np.asarray(dvae.ImageTokenizer(config, params).encode(images))
+    tokens = np.asarray(image_tokenizer.ImageTokenizer(config, params).encode(images))
     np.testing.assert_array_equal(tokens[clear], ref.argmax(-1)[clear])
 
 
 def test_decoder_matches_release(converted, release):
-    torch = pytest.importorskip("torch")
+    import torch  # installed: the release fixture requires it
     from dall_e import unmap_pixels
 
     config, params = converted
@@ -115,8 +118,8 @@ def test_decoder_matches_release(converted, release):
         return out
 
     for z, ours in [
-        (one_hot, _jit(dvae.decode_tokens, model=config)(params, tokens)),
-        (relaxed, _jit(dvae.decode_relaxed, model=config)(params, relaxed)),
+        (one_hot, _jit(image_tokenizer.decode_tokens, model=config)(params, tokens)),
+        (relaxed, _jit(image_tokenizer.decode_relaxed, model=config)(params, relaxed)),
     ]:
         ref_t = torch_stats(z)
         ref = ref_t.numpy().transpose(0, 2, 3, 1)
@@ -125,7 +128,7 @@ def test_decoder_matches_release(converted, release):
         np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-4, atol=1e-4 * scale)
     # Image reconstruction from the token path, as in OpenAI's notebook.
     ref_img = unmap_pixels(torch.sigmoid(torch_stats(one_hot)[:, :3])).numpy().transpose(0, 2, 3, 1)
-    img = dvae.ImageTokenizer(config, params).decode(tokens)
+    img = image_tokenizer.ImageTokenizer(config, params).decode(tokens)
     np.testing.assert_allclose(np.asarray(img), ref_img, atol=1e-5)
 
 
@@ -148,7 +151,7 @@ def test_round_trip_without_torch():
 
 
 def test_not_a_dvae_pickle(tmp_path, release):
-    torch = pytest.importorskip("torch")
+    import torch  # installed: the release fixture requires it
     enc, dec, enc_pkl, dec_pkl = release
     linear = tmp_path / "linear.pkl"
     torch.save(torch.nn.Linear(3, 4), linear)
@@ -187,37 +190,37 @@ def test_save_load_and_cli(tmp_path, release, converted):
     out = tmp_path / "ckpt"
     got = openai_import.main(enc_pkl, dec_pkl, str(out), image_size=IMAGE)
     assert got == config
-    assert os.path.isfile(out / params_io.META_FILE)
-    loaded_config, loaded = params_io.load_params(out)
+    assert os.path.isfile(out / exports.META_FILE)
+    loaded_config, loaded = exports.load_dvae(out)
     assert loaded_config == config
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(loaded))
     # Same architecture, other resolution / dtype: accepted, and the caller's config wins.
     other = dvae.DVAEConfig(**{**config.to_dict(), "image_size": 64, "dtype": "bfloat16"})
-    assert params_io.load_params(out, other)[0] == other
+    assert exports.load_dvae(out, other)[0] == other
     # A differently sized dVAE is refused with the fields listed.
     wrong = dvae.DVAEConfig(**{**config.to_dict(), "n_hid": 128, "vocab_size": 8192})
     with pytest.raises(ValueError, match=r"n_hid: checkpoint 64 vs expected 128.*"
                                          r"vocab_size: checkpoint 512 vs expected 8192"):
-        params_io.load_params(out, wrong)
-    tok = dvae.ImageTokenizer.load(str(out), config)
+        exports.load_dvae(out, wrong)
+    tok = image_tokenizer.ImageTokenizer.load(str(out), config)
     assert tok.grid == 4
     with pytest.raises(FileExistsError, match="not empty"):
         openai_import.main(enc_pkl, dec_pkl, str(out))
     with pytest.raises(FileNotFoundError, match="not a dVAE parameter checkpoint"):
-        params_io.load_params(tmp_path / "nothing")
+        exports.load_dvae(tmp_path / "nothing")
 
 
 def test_load_params_with_sharding(tmp_path):
     config = dvae.DVAEConfig(image_size=8, group_count=2, n_hid=8, n_blk_per_group=1,
                              n_init=4, vocab_size=16)
     params = dvae.init_params(config, jax.random.key(3))
-    params_io.save_params(tmp_path / "c", config, params)
+    exports.save_dvae(tmp_path / "c", config, params)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    _, loaded = params_io.load_params(tmp_path / "c", config, sharding=replicated)
+    _, loaded = exports.load_dvae(tmp_path / "c", config, sharding=replicated)
     leaf = jax.tree.leaves(loaded)[0]
     assert leaf.sharding == replicated
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     with pytest.raises(ValueError, match="structure"):
-        params_io.save_params(tmp_path / "d", config, {"encoder": params["encoder"]})
+        exports.save_dvae(tmp_path / "d", config, {"encoder": params["encoder"]})

@@ -10,8 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from dalle_jax import checkpoint as ckpt_lib
-from dalle_jax import configlib, sharding
+from dalle_jax import configlib, exports, sharding
 from dalle_jax import metrics as metrics_lib
 from dalle_jax.data import shapes, sources
 from dalle_jax.tokenizers import bpe
@@ -167,7 +166,7 @@ def test_train_export_and_resume(data_dir, bpe_model, tmp_path):
     straight = str(tmp_path / "straight")
     clip_task.train_clip(cfg, straight)
     export = os.path.join(straight, "exports", "step_0000004")
-    meta = ckpt_lib.read_export_meta(export)
+    meta = exports.read_meta(export)
     assert meta["identity"]["kind"] == "clip" and meta["source"] == "trained"
     assert meta["step"] == 4 and meta["ema"] is True
     assert meta["identity"]["model"]["patch_size"] == 4
@@ -200,8 +199,8 @@ def test_train_export_and_resume(data_dir, bpe_model, tmp_path):
     loop.train(cfg, resumed, task, lambda: clip_task.make_train_iter(cfg), stop_at_step=2)
     assert not os.path.exists(os.path.join(resumed, "exports"))
     clip_task.train_clip(cfg, resumed)
-    a, _ = ckpt_lib.load_params(export)
-    b, meta_b = ckpt_lib.load_params(os.path.join(resumed, "exports", "step_0000004"))
+    a, _ = exports.load(export)
+    b, meta_b = exports.load(os.path.join(resumed, "exports", "step_0000004"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert json.dumps(meta_b["retrieval"], sort_keys=True) == json.dumps(
         meta["retrieval"], sort_keys=True)

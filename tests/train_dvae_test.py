@@ -6,8 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from dalle_jax import checkpoint as ckpt_lib
-from dalle_jax import configlib, jobs
+from dalle_jax import configlib, exports, jobs
 from dalle_jax import metrics as metrics_lib
 from dalle_jax.data import sources
 from dalle_jax.train import dvae_task, loop
@@ -54,8 +53,8 @@ def test_train_dvae_resume_and_export(data_dir, tmp_path):
     loop.train(cfg, resumed, task, lambda: sources.make_input(cfg.data, "train"), stop_at_step=2)
     assert not os.path.exists(os.path.join(resumed, "exports"))
     jobs.train_dvae(cfg, resumed)
-    a, meta_a = ckpt_lib.load_params(export)
-    b, _ = ckpt_lib.load_params(os.path.join(resumed, "exports", "step_0000004"))
+    a, meta_a = exports.load(export)
+    b, _ = exports.load(os.path.join(resumed, "exports", "step_0000004"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert meta_a["identity"]["kind"] == "dvae" and meta_a["identity"]["vocab_size"] == 16
 
@@ -84,7 +83,7 @@ def test_image_size_mismatch_is_reported(data_dir, tmp_path):
 
 def test_encode_job_writes_resumable_token_shards(data_dir, tmp_path):
     from dalle_jax.data import augment, tokens
-    from dalle_jax.tokenizers.dvae import ImageTokenizer
+    from dalle_jax.tokenizers.image_tokenizer import ImageTokenizer
 
     cfg = _cfg(data_dir, total=1)
     cfg.evals.recon.num_batches = 0

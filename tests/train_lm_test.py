@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from dalle_jax import checkpoint as ckpt_lib
-from dalle_jax import configlib, jobs, treeutil
+from dalle_jax import configlib, exports, jobs, treeutil
 from dalle_jax import metrics as metrics_lib
 from dalle_jax.data import text_pipeline, tokens
-from dalle_jax.tokenizers import bpe, dvae, params_io
+from dalle_jax.tokenizers import bpe, dvae
 from dalle_jax.train import lm_task, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +46,7 @@ def token_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     splits = {"train": _write_split(d, "train", 40, 2, rng),
               "validation": _write_split(d, "validation", 12, 1, rng)}
-    meta = {"dvae": {"identity": params_io.identity(DVAE), "grid": GRID},
+    meta = {"dvae": {"identity": exports.dvae_identity(DVAE), "grid": GRID},
             "source": {"source": "test"}, "splits": splits}
     with open(os.path.join(d, tokens.META_FILE), "w") as f:
         json.dump(meta, f)
@@ -158,8 +157,8 @@ def test_train_resume_export_and_refuse_other_width(token_dir, tokenizer, tmp_pa
         cfg.data, cfg.text, tokenizer, "train", train=True), stop_at_step=1)
     assert not os.path.exists(os.path.join(resumed, "exports"))
     jobs.train(cfg, resumed)
-    a, meta = ckpt_lib.load_params(export)
-    b, _ = ckpt_lib.load_params(os.path.join(resumed, "exports", "step_0000002"))
+    a, meta = exports.load(export)
+    b, _ = exports.load(os.path.join(resumed, "exports", "step_0000002"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert meta["identity"]["model"]["width"] == 32
     assert meta["identity"]["tokenizer"]["sha256"] == tokenizer.sha256
@@ -222,7 +221,7 @@ def test_train_bpe_job_writes_once(token_dir, tmp_path):
 @pytest.fixture(scope="module")
 def dvae_export(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dvae") / "export")
-    params_io.save_params(out, DVAE, dvae.init_params(DVAE, jax.random.key(0)))
+    exports.save_dvae(out, DVAE, dvae.init_params(DVAE, jax.random.key(0)))
     return out
 
 
@@ -268,7 +267,7 @@ def test_sample_job_writes_grid_tokens_and_report(token_dir, tokenizer, dvae_exp
     # A dVAE other than the one the tokens came from is refused, naming the field.
     other = dvae.DVAEConfig(**{**DVAE.to_dict(), "n_hid": 16})
     other_dir = str(tmp_path / "other_dvae")
-    params_io.save_params(other_dir, other, dvae.init_params(other, jax.random.key(1)))
+    exports.save_dvae(other_dir, other, dvae.init_params(other, jax.random.key(1)))
     cfg.sample.update(dvae_params=other_dir, out_dir=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="n_hid"):
         jobs.sample(cfg, workdir)
@@ -289,7 +288,7 @@ def test_bfloat16_export_loads_onto_the_device_and_samples(token_dir, tokenizer,
     jobs.export(cfg, workdir)  # the newest export, in bfloat16, next to it
     f32 = os.path.join(workdir, "exports", "step_0000002")
     bf16 = f32 + "_bfloat16"
-    meta = ckpt_lib.read_export_meta(bf16)
+    meta = exports.read_meta(bf16)
     assert meta["export_dtype"] == "bfloat16" and meta["identity"]["kind"] == "transformer"
     assert jobs.latest_export(workdir) == f32  # sampling defaults stay on the float32 export
     jobs.export(cfg, workdir)  # rerun: already there, nothing rewritten
@@ -300,7 +299,7 @@ def test_bfloat16_export_loads_onto_the_device_and_samples(token_dir, tokenizer,
         assert isinstance(leaf, jax.Array) and leaf.devices() == {device}
         assert leaf.dtype == jnp.bfloat16 or not jnp.issubdtype(leaf.dtype, jnp.floating)
     # The same tokens as float32 params rounded to bfloat16 in memory.
-    params, _ = ckpt_lib.load_params(f32)
+    params, _ = exports.load(f32)
     rounded = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
     ref = smp.Sampler(s.config, rounded, tokenizer, s.image_tokenizer)
     np.testing.assert_array_equal(s.tokens(["a red circle"], num_candidates=2, seed=3),
@@ -309,7 +308,7 @@ def test_bfloat16_export_loads_onto_the_device_and_samples(token_dir, tokenizer,
     cfg.export.update(source=os.path.join(workdir, "checkpoints"), dtype="float32",
                       out=str(tmp_path / "from_ckpt"))
     jobs.export(cfg, workdir)
-    a, _ = ckpt_lib.load_params(str(tmp_path / "from_ckpt"))
+    a, _ = exports.load(str(tmp_path / "from_ckpt"))
     jax.tree.map(np.testing.assert_array_equal, a, params)
     cfg.export.out = bf16
     with pytest.raises(FileExistsError, match="holds something else"):

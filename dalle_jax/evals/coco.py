@@ -650,15 +650,14 @@ class _Evaluation:
 
     def settings(self) -> dict[str, Any]:
         """What the stored draw, real images and samples depend on (``settings.json``)."""
-        from dalle_jax import checkpoint
-        from dalle_jax.tokenizers import params_io
+        from dalle_jax import exports
 
-        meta = checkpoint.read_export_meta(self.transformer)
-        dvae_cfg = params_io.read_config(self.dvae)
+        meta = exports.read_meta(self.transformer)
+        dvae_cfg = exports.read_dvae_config(self.dvae)
         self.image_size = int(dvae_cfg.image_size)
         scorer = None
         if self.scorer_dir:
-            smeta = checkpoint.read_export_meta(self.scorer_dir)
+            smeta = exports.read_meta(self.scorer_dir)
             scorer = {"export": self.scorer_dir, "step": smeta.get("step"),
                       "source": smeta.get("source"), "identity": smeta.get("identity")}
         if not os.path.isfile(self.annotations):
@@ -674,7 +673,7 @@ class _Evaluation:
                      "num_captions": self.num, "seed": self.draw_seed},
             "transformer": {"export": self.transformer, "step": meta.get("step"),
                             "ema": meta.get("ema"), "identity": meta.get("identity")},
-            "dvae": {"export": self.dvae, "identity": params_io.identity(dvae_cfg)},
+            "dvae": {"export": self.dvae, "identity": exports.dvae_identity(dvae_cfg)},
             "bpe_model": {"path": self.bpe, "sha256": _sha256_file(self.bpe)},
             "scorer": scorer,
             "sampling": {"seed": self.seed, "num_candidates": self.n,
@@ -1211,7 +1210,7 @@ class _Evaluation:
     # ------------------------------------------------------------------ run
 
     def run(self) -> dict[str, Any]:
-        from dalle_jax import checkpoint, sharding
+        from dalle_jax import exports, sharding
         from dalle_jax.evals import inception
         from dalle_jax.rerank import scorer as scorer_lib
         from dalle_jax.sample import sampler as sampler_lib
@@ -1239,16 +1238,11 @@ class _Evaluation:
         rules = str(self.cfg.sharding_rules)
         # The parts are checked against each other before settings.json pins them: a
         # wrong BPE file or dVAE, or a broken scorer export, is fixed without starting over.
-        ident = self.settings_["transformer"]["identity"] or {}
-        if ident.get("kind") != "transformer":
-            raise ValueError(f"{self.transformer!r} is not a transformer export (identity "
-                             f"kind {ident.get('kind')!r})")
+        ident = exports.identity_of(self.settings_["transformer"], "transformer",
+                                    self.transformer)
         tokenizer = bpe.TextTokenizer(self.bpe)
         tokenizer.check_identity(ident["tokenizer"])
-        diff = checkpoint.diff_dicts(ident["dvae"], self.settings_["dvae"]["identity"])
-        if diff:
-            raise ValueError(f"dVAE {self.dvae!r} is not the one the transformer was trained "
-                             "on: " + "; ".join(diff))
+        exports.check_dvae_identity(ident["dvae"], self.settings_["dvae"]["identity"], self.dvae)
         self.scorer = (scorer_lib.load_scorer(self.scorer_dir, batch_size=self.batch_size)
                        if self.scorer_dir else None)
         if _is_main() and not os.path.exists(os.path.join(self.out, SETTINGS_FILE)):

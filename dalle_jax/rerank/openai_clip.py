@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import warnings
 import zipfile
 from typing import Any
@@ -394,7 +393,7 @@ def import_clip(checkpoint_path: str, merges_path: str, out_dir: str, *,
     """Converts a CLIP checkpoint and its BPE merges file into a scorer export.
 
     ``out_dir`` receives the parameters and ``meta.json``
-    (`dalle_jax.checkpoint.export_params`; identity kind ``"clip"`` with the model config
+    (`dalle_jax.exports.write_scorer`; identity kind ``"clip"`` with the model config
     and the tokenizer's identity, ``source: "openai"``, the checkpoint's file name) and a
     copy of the merges file under ``out_dir/tokenizer/``, so the export needs nothing else
     to score. An existing non-empty ``out_dir`` is never overwritten.
@@ -405,7 +404,7 @@ def import_clip(checkpoint_path: str, merges_path: str, out_dir: str, *,
     Returns:
         the export directory (absolute).
     """
-    from dalle_jax import checkpoint
+    from dalle_jax import exports
     from dalle_jax.rerank import clip_tokenizer
 
     checkpoint_path, merges_path = str(checkpoint_path), str(merges_path)
@@ -432,8 +431,4 @@ def import_clip(checkpoint_path: str, merges_path: str, out_dir: str, *,
     meta = {"identity": {"kind": "clip", "model": dataclasses.asdict(config),
                          "tokenizer": ident},
             "source": "openai", "checkpoint": os.path.basename(checkpoint_path.rstrip("/"))}
-    checkpoint.export_params(out_dir, params, meta)
-    tok_dir = os.path.join(out_dir, "tokenizer")
-    os.makedirs(tok_dir, exist_ok=True)
-    shutil.copyfile(merges_path, os.path.join(tok_dir, ident["file"]))
-    return out_dir
+    return exports.write_scorer(out_dir, params, meta, merges_path, ident["file"])

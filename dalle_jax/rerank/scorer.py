@@ -160,22 +160,18 @@ class ClipScorer:
              ) -> ClipScorer:
         """A scorer from a CLIP export (``--job=train_clip`` or ``--job=import_clip``):
         parameters, model config and tokenizer file, checked against each other."""
-        from dalle_jax import checkpoint
+        from dalle_jax import exports
         from dalle_jax.models import clip
 
         if not export_dir or not os.path.isdir(export_dir):
             raise FileNotFoundError(f"no scorer export at {export_dir!r}: train one with "
                                     "--job=train_clip or import OpenAI CLIP with "
                                     "--job=import_clip")
-        meta = dict(checkpoint.read_export_meta(export_dir),
-                    export_dir=os.path.abspath(export_dir))
-        ident = meta.get("identity", {})
-        if ident.get("kind") != "clip":
-            raise ValueError(f"{export_dir!r} is not a contrastive scorer export (identity "
-                             f"kind {ident.get('kind')!r}, expected 'clip')")
+        meta = dict(exports.read_meta(export_dir), export_dir=os.path.abspath(export_dir))
+        ident = exports.identity_of(meta, "clip", export_dir)
         config = clip.ClipConfig(**ident["model"])
         tokenizer = load_tokenizer(export_dir, ident.get("tokenizer", {}))
-        params, _ = checkpoint.load_params(export_dir)
+        params, _ = exports.load(export_dir)
         params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32)
                               if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
         return cls(config, params, tokenizer, meta=meta, mesh=mesh, rules=rules,
@@ -245,8 +241,10 @@ class ClipScorer:
 
 def load_tokenizer(export_dir: str, ident: dict) -> Any:
     """The text tokenizer a CLIP export names, from the file the export carries."""
+    from dalle_jax import exports
+
     kind = ident.get("type")
-    path = os.path.join(export_dir, "tokenizer", str(ident.get("file", "")))
+    path = exports.tokenizer_path(export_dir, ident)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the scorer export {export_dir!r} lacks its tokenizer file "
                                 f"{path!r}")

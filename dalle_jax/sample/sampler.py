@@ -339,7 +339,7 @@ class Sampler:
 
     Args:
         config: the transformer's architecture.
-        params: its parameters (e.g. `checkpoint.load_params` of an export); on a mesh,
+        params: its parameters (e.g. `exports.load` of an export); on a mesh,
             arrays already placed there are used as they are, others are placed.
         text_tokenizer: the `TextTokenizer` the model was trained with.
         image_tokenizer: the dVAE `ImageTokenizer`; needed for images, not for tokens.
@@ -413,19 +413,16 @@ class Sampler:
         With ``mesh`` (and ``rules``) the parameters are restored straight into their
         shardings: every process reads only the shards its devices hold.
         """
-        from dalle_jax import checkpoint
-        from dalle_jax.tokenizers import bpe, dvae as dvae_lib, params_io
+        from dalle_jax import exports
+        from dalle_jax.tokenizers import bpe
+        from dalle_jax.tokenizers.image_tokenizer import ImageTokenizer
 
-        meta = checkpoint.read_export_meta(transformer_export)
-        ident = meta.get("identity", {})
-        if ident.get("kind") != "transformer":
-            raise ValueError(f"{transformer_export!r} is not a transformer export "
-                             f"(identity kind {ident.get('kind')!r})")
+        meta = exports.read_meta(transformer_export)
+        ident = exports.identity_of(meta, "transformer", transformer_export)
         config = tfm.TransformerConfig(**ident["model"], dtype=dtype)
         # Restore targets carry the export's own dtype (a bfloat16 export stays bfloat16)
         # and where each array goes, so orbax reads every array straight into its device
         # buffer(s): no full float32 (or host) copy of the model is made on the way.
-        stored = str(meta.get("export_dtype", "float32"))
         if mesh is not None:
             if rules is None:
                 raise ValueError("a Sampler on a mesh needs the logical-axis rules")
@@ -434,21 +431,15 @@ class Sampler:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                   abstract_params(config))
-        target = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(
-                a.shape, stored if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
-                sharding=a.sharding), target)
-        params, _ = checkpoint.load_params(transformer_export, abstract=target)
+        params, _ = exports.load(transformer_export,
+                                 abstract=exports.in_stored_dtype(target, meta))
         text_tokenizer = bpe.TextTokenizer(bpe_model)
         text_tokenizer.check_identity(ident["tokenizer"])
         image_tokenizer = None
         if dvae_export:
-            image_tokenizer = dvae_lib.ImageTokenizer.load(dvae_export)
-            found = params_io.identity(image_tokenizer.config)
-            diff = checkpoint.diff_dicts(ident["dvae"], found)
-            if diff:
-                raise ValueError(f"dVAE {dvae_export!r} is not the one the transformer was "
-                                 f"trained on: " + "; ".join(diff))
+            image_tokenizer = ImageTokenizer.load(dvae_export)
+            found = exports.dvae_identity(image_tokenizer.config)
+            exports.check_dvae_identity(ident["dvae"], found, dvae_export)
         sampler = cls(config, params, text_tokenizer, image_tokenizer, sampling, mesh=mesh,
                       rules=rules)
         sampler.sources = {

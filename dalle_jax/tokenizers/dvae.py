@@ -1,14 +1,17 @@
-"""The discrete VAE (stage 1 of DALL·E, paper §2.1 and App. A): model, relaxation and objective.
+"""The discrete VAE (stage 1 of DALL·E, paper §2.1 and App. A): the model.
 
 This module owns:
 
 * `DVAEConfig`, the architecture hyper-parameters;
 * the Flax Linen encoder and decoder, built layer for layer like OpenAI's released
   ``dall_e`` package (NHWC instead of NCHW; same parameter names, see below);
-* the pixel map, the Gumbel-softmax relaxation, the KL to the uniform prior, the
-  logit-Laplace likelihood and the training objective, all pure functions;
-* `encode` / `decode` (image <-> token grid) and `ImageTokenizer`, a small convenience
-  wrapper with host-side input checks.
+* parameter initialisation and abstract shapes;
+* the pixel map between images and the model's input/output space.
+
+Its training objective (Gumbel-softmax relaxation, KL, likelihoods) is
+`dalle_jax.tokenizers.dvae_objective`; image <-> token grid (`encode` / `decode`,
+`ImageTokenizer`) is `dalle_jax.tokenizers.image_tokenizer`; parameter exports are
+`dalle_jax.exports`.
 
 Parameter tree (the ``params`` collection, without the ``{"params": ...}`` wrapper)::
 
@@ -32,7 +35,6 @@ other group counts follow the same doubling rule.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -220,7 +222,7 @@ class Conv(nn.Module):
         """A 1x1 conv applied to ``one_hot(ids)``, computed as a row gather (paper §2.2 decoding).
 
         Out-of-range ids are clamped (``mode="clip"``); callers that need a check do it
-        on the host (see `ImageTokenizer.decode`).
+        on the host (see `image_tokenizer.ImageTokenizer.decode`).
         """
         if self.kernel_size != 1:
             raise ValueError("lookup needs a 1x1 convolution")
@@ -369,7 +371,7 @@ class DVAE(nn.Module):
     """Encoder + decoder under ``encoder/`` and ``decoder/``.
 
     ``__call__`` (used by ``init``) runs the decoder on softmax(logits) so that both halves
-    get parameters; use the pure functions below for real work.
+    get parameters; `image_tokenizer` and `dvae_objective` call its methods for real work.
     """
 
     config: DVAEConfig
@@ -395,7 +397,8 @@ class DVAE(nn.Module):
 # ----------------------------------------------------------------------------- params
 
 
-def _as_model(model_or_config: DVAE | DVAEConfig) -> DVAE:
+def as_model(model_or_config: DVAE | DVAEConfig) -> DVAE:
+    """The module itself, or a `DVAE` built from a config."""
     if isinstance(model_or_config, DVAE):
         return model_or_config
     if isinstance(model_or_config, DVAEConfig):
@@ -454,11 +457,6 @@ def param_logical_specs(config: DVAEConfig) -> dict[str, Any]:
     return nn.get_partition_spec(_abstract_variables(config))["params"]
 
 
-def count_params(tree: Any) -> int:
-    """Number of scalars in a (possibly abstract) parameter tree."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
 # ----------------------------------------------------------------------------- pixels
 
 
@@ -472,7 +470,7 @@ def unmap_pixels(x: jax.Array, eps: float = LOGIT_LAPLACE_EPS) -> jax.Array:
     return jnp.clip((x - eps) / (1.0 - 2.0 * eps), 0.0, 1.0)
 
 
-def _check_images(images: jax.Array, config: DVAEConfig) -> None:
+def check_images(images: jax.Array, config: DVAEConfig) -> None:
     """Trace-time shape/dtype check of an image batch ``(B, H, W, C)``."""
     shape = tuple(images.shape)
     want = (config.image_size, config.image_size, config.input_channels)
@@ -500,319 +498,7 @@ def to_unit_interval(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32)
 
 
-# ----------------------------------------------------------------------------- relaxation
-
-
-def gumbel_softmax(logits: jax.Array, rng: jax.Array, tau: float | jax.Array) -> jax.Array:
-    """Soft relaxed sample ``softmax((logits + g) / tau)``, g ~ Gumbel(0, 1), over the last axis.
-
-    Soft in both passes, no straight-through estimator (paper §2.1; the first author
-    confirmed the soft relaxation in both passes on the openai/DALL-E issue tracker).
-    """
-    logits = logits.astype(jnp.float32)
-    g = jax.random.gumbel(rng, logits.shape, jnp.float32)
-    return jax.nn.softmax((logits + g) / tau, axis=-1)
-
-
-def kl_to_uniform(logits: jax.Array) -> jax.Array:
-    """KL(softmax(logits) || uniform) per position, over the last axis, in nats.
-
-    Uses the unrelaxed categorical even when tau > 0 (the first author's answer on the
-    openai/DALL-E issue tracker: the KL is taken from the logits' softmax, not the
-    relaxed sample).
-    """
-    logits = logits.astype(jnp.float32)
-    log_q = jax.nn.log_softmax(logits, axis=-1)
-    q = jnp.exp(log_q)
-    return jnp.sum(q * log_q, axis=-1) + math.log(logits.shape[-1])
-
-
-def logit_laplace_nll(x_mapped: jax.Array, stats: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-pixel logit-Laplace negative log-density (paper §A.3 eq. 2).
-
-    Args:
-        x_mapped: targets in (0, 1), already mapped by `map_pixels`, shape ``(..., C)``.
-        stats: decoder output ``(..., 2C)``: mu then ln b.
-
-    Returns:
-        ``(nll, nll_param)``: the full ``ln 2 + ln b + ln x + ln(1-x) + |logit x - mu| / b`` and
-        its parameter-dependent part ``ln b + |logit x - mu| / b`` (same gradients).
-        ln b is not clamped: the paper describes no clamp.
-    """
-    c = x_mapped.shape[-1]
-    if stats.shape[-1] != 2 * c:
-        raise ValueError(f"stats have {stats.shape[-1]} channels, expected 2 * {c} (mu, ln b)")
-    x = x_mapped.astype(jnp.float32)
-    mu, ln_b = stats[..., :c].astype(jnp.float32), stats[..., c:].astype(jnp.float32)
-    logit_x = jnp.log(x) - jnp.log1p(-x)
-    nll_param = ln_b + jnp.abs(logit_x - mu) * jnp.exp(-ln_b)
-    nll = nll_param + math.log(2.0) + jnp.log(x) + jnp.log1p(-x)
-    return nll, nll_param
-
-
-# Reconstruction terms `dvae_loss` accepts (see `recon_nll`).
-RECON_LOSSES = ("logit_laplace", "mse")
-
-
-def gaussian_nll(x_mapped: jax.Array, stats: jax.Array, sigma: float) -> tuple[jax.Array, jax.Array]:
-    """Per-pixel negative log-density of ``N(sigmoid(mu), sigma**2)`` on the mapped scale.
-
-    A squared error with a fixed scale: ``(x - sigmoid(mu))**2 / (2 sigma**2)`` plus the
-    constant ``ln(sigma sqrt(2 pi))``. The ln b channels of ``stats`` are ignored.
-
-    Returns:
-        ``(nll, nll_param)`` as in `logit_laplace_nll`.
-    """
-    c = x_mapped.shape[-1]
-    if stats.shape[-1] != 2 * c:
-        raise ValueError(f"stats have {stats.shape[-1]} channels, expected 2 * {c} (mu, ln b)")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    mean = jax.nn.sigmoid(stats[..., :c].astype(jnp.float32))
-    nll_param = jnp.square(x_mapped.astype(jnp.float32) - mean) / (2.0 * sigma**2)
-    return nll_param + math.log(sigma * math.sqrt(2.0 * math.pi)), nll_param
-
-
-def recon_nll(
-    x_mapped: jax.Array,
-    stats: jax.Array,
-    *,
-    recon_loss: str = "logit_laplace",
-    ln_b_min: float = -math.inf,
-    mse_sigma: float = 0.1,
-) -> tuple[jax.Array, jax.Array]:
-    """The per-pixel reconstruction term ``(nll, nll_param)`` of `dvae_loss`.
-
-    Args:
-        x_mapped: targets mapped by `map_pixels`, ``(..., C)``.
-        stats: decoder output ``(..., 2C)`` (mu, ln b).
-        recon_loss: ``"logit_laplace"`` (the paper's, §A.3) or ``"mse"`` (`gaussian_nll`
-            with std ``mse_sigma`` on the mapped scale; both are densities of the mapped
-            pixel, so the ELB stays a bound in the same units).
-        ln_b_min: for the logit-Laplace term, ln b is raised to at least this value (a hard
-            floor; below it ln b gets no gradient). -inf keeps it unclamped as in the paper.
-            Images with exactly constant regions otherwise let the likelihood grow without
-            bound by shrinking b there.
-        mse_sigma: the std of the ``"mse"`` term; its weight against the KL is
-            ``1 / (2 mse_sigma**2)``.
-    """
-    if recon_loss == "mse":
-        return gaussian_nll(x_mapped, stats, mse_sigma)
-    if recon_loss != "logit_laplace":
-        raise ValueError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
-    if ln_b_min > -math.inf:
-        c = x_mapped.shape[-1]
-        stats = jnp.concatenate([stats[..., :c], jnp.maximum(stats[..., c:], ln_b_min)], axis=-1)
-    return logit_laplace_nll(x_mapped, stats)
-
-
-# ----------------------------------------------------------------------------- pure API
-
-
-def encode_logits(params: Any, images: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
-    """Encoder logits ``(B, G, G, vocab)`` float32 for uint8 / [0, 1] images ``(B, H, W, C)``."""
-    model = _as_model(model)
-    _check_images(images, model.config)
-    x = map_pixels(to_unit_interval(images))
-    return model.apply({"params": params}, x, method=DVAE.encode_logits)
-
-
-def encode(params: Any, images: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
-    """Token grid ``(B, G, G)`` int32: argmax of the logits, no noise (paper §2.2)."""
-    return jnp.argmax(encode_logits(params, images, model=model), axis=-1).astype(jnp.int32)
-
-
-def _check_tokens(tokens: jax.Array, config: DVAEConfig) -> None:
-    shape = tuple(tokens.shape)
-    g = config.grid
-    if len(shape) != 3 or shape[1:] != (g, g):
-        raise ValueError(f"tokens must have shape (B, {g}, {g}) for this dVAE, got {shape}")
-    if not jnp.issubdtype(jnp.dtype(tokens.dtype), jnp.integer):
-        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
-
-
-def decode_tokens(params: Any, tokens_BGG: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
-    """Decoder statistics ``(B, H, W, 2C)`` for a token grid, via a row gather (no one-hot).
-
-    Ids outside [0, vocab) are clamped; `ImageTokenizer.decode` checks them on the host.
-    """
-    model = _as_model(model)
-    _check_tokens(tokens_BGG, model.config)
-    return model.apply({"params": params}, tokens_BGG, method=DVAE.decode_tokens)
-
-
-def decode_relaxed(params: Any, z_BGGC: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
-    """Decoder statistics ``(B, H, W, 2C)`` for a (relaxed) one-hot ``(B, G, G, vocab)``."""
-    model = _as_model(model)
-    c = model.config
-    shape = tuple(z_BGGC.shape)
-    if len(shape) != 4 or shape[1:] != (c.grid, c.grid, c.vocab_size):
-        raise ValueError(
-            f"relaxed codes must have shape (B, {c.grid}, {c.grid}, {c.vocab_size}), got {shape}"
-        )
-    if not jnp.issubdtype(jnp.dtype(z_BGGC.dtype), jnp.floating):
-        raise ValueError(f"relaxed codes must be floating, got dtype {z_BGGC.dtype}")
-    return model.apply({"params": params}, z_BGGC, method=DVAE.decode_relaxed)
-
-
 def stats_to_images(stats: jax.Array) -> jax.Array:
     """``unmap(sigmoid(mu))`` in [0, 1]; ln b is ignored (paper §A.3)."""
     c = stats.shape[-1] // 2
     return unmap_pixels(jax.nn.sigmoid(stats[..., :c].astype(jnp.float32)))
-
-
-def decode(params: Any, tokens_BGG: jax.Array, *, model: DVAE | DVAEConfig) -> jax.Array:
-    """Images ``(B, H, W, C)`` float32 in [0, 1] from a token grid."""
-    return stats_to_images(decode_tokens(params, tokens_BGG, model=model))
-
-
-def dvae_loss(
-    params: Any,
-    images: jax.Array,
-    rng: jax.Array,
-    *,
-    tau: float | jax.Array,
-    beta: float | jax.Array,
-    model: DVAE | DVAEConfig,
-    hard_sample: bool = False,
-    recon_loss: str = "logit_laplace",
-    ln_b_min: float = -math.inf,
-    mse_sigma: float = 0.1,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The dVAE objective (paper §2.1, §A.2) and its metrics.
-
-    ``loss = mean_B [ sum_pixels nll + beta * sum_positions KL ] / (H * W * C)``; with the
-    paper's sizes the KL weight is beta / 192 (paper §A.2). ``nll`` is the full negative
-    log-density (paper §A.3: "the logarithm of the RHS of Equation 2"); its constant terms
-    do not change the gradients.
-
-    Args:
-        params: the ``params`` collection.
-        images: ``(B, H, W, C)`` uint8 in [0, 255] or floating in [0, 1].
-        rng: key for the Gumbel noise.
-        tau: relaxation temperature.
-        beta: KL weight.
-        model: the `DVAE` (or its config).
-        hard_sample: decode ``one_hot(argmax(logits + g))``, a true sample from q, instead of
-            the relaxation. Gives the *true* (not relaxed) ELB estimate; for evaluation only,
-            since nothing reaches the encoder through the reconstruction term.
-        recon_loss, ln_b_min, mse_sigma: the reconstruction term, see `recon_nll`. The
-            defaults are the paper's (unclamped logit-Laplace).
-
-    Returns:
-        ``(loss, aux)``. ``aux`` holds batch means of (all in nats unless noted):
-
-        * ``recon_nll``: full reconstruction NLL per dimension (in mapped-pixel space; the
-          logit-Laplace one, or the Gaussian one with ``recon_loss="mse"``);
-        * ``recon_nll_param``: its parameter-dependent part per dimension;
-        * ``kl_per_dim``: sum of KL over positions / (H*W*C); ``kl_per_position``: mean KL;
-        * ``elb_bpd``: negative ELB (beta = 1) in bits per dimension of the 8-bit image:
-          ``(sum nll + D*ln(255/(1-2eps)) + sum KL) / (D ln 2)``, D = H*W*C. The added term
-          turns the density on the mapped scale into a probability of the 8-bit value: the
-          8-bit grid has spacing (1-2eps)/255 after `map_pixels`, and the probability of a
-          value is taken as density * spacing (midpoint rule, not a dequantised bound). It is
-          the relaxed ELB unless ``hard_sample``;
-        * ``mse``, ``psnr`` (dB, per image then averaged) of ``unmap(sigmoid(mu))`` against
-          the [0, 1] image;
-        * ``code_usage``: distinct argmax codes in the batch; ``codes``: the argmax codes
-          ``(B, G, G)`` int32 for longer-run usage statistics.
-    """
-    model = _as_model(model)
-    cfg = model.config
-    _check_images(images, cfg)
-    x01 = to_unit_interval(images)
-    x_mapped = map_pixels(x01)
-    logits = model.apply({"params": params}, x_mapped, method=DVAE.encode_logits)
-    if hard_sample:
-        g = jax.random.gumbel(rng, logits.shape, jnp.float32)
-        sample = jnp.argmax(logits + g, axis=-1)
-        stats = model.apply({"params": params}, sample, method=DVAE.decode_tokens)
-    else:
-        z = gumbel_softmax(logits, rng, tau)
-        stats = model.apply({"params": params}, z, method=DVAE.decode_relaxed)
-
-    dims = cfg.image_size * cfg.image_size * cfg.input_channels
-    nll, nll_param = recon_nll(x_mapped, stats, recon_loss=recon_loss, ln_b_min=ln_b_min,
-                               mse_sigma=mse_sigma)
-    nll_sum_B = jnp.sum(nll, axis=(1, 2, 3))
-    kl_BGG = kl_to_uniform(logits)
-    kl_sum_B = jnp.sum(kl_BGG, axis=(1, 2))
-    loss = jnp.mean((nll_sum_B + beta * kl_sum_B) / dims)
-
-    recon = stats_to_images(stats)
-    mse_B = jnp.mean((recon - x01) ** 2, axis=(1, 2, 3))
-    psnr_B = -10.0 * jnp.log10(jnp.maximum(mse_B, 1e-10))
-    discretisation = dims * math.log(255.0 / (1.0 - 2.0 * LOGIT_LAPLACE_EPS))
-    elb_bpd_B = (nll_sum_B + discretisation + kl_sum_B) / (dims * math.log(2.0))
-    codes = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    used = jnp.zeros((cfg.vocab_size,), jnp.int32).at[codes.reshape(-1)].add(1)
-    aux = dict(
-        loss=loss,
-        recon_nll=jnp.mean(nll_sum_B) / dims,
-        recon_nll_param=jnp.mean(jnp.sum(nll_param, axis=(1, 2, 3))) / dims,
-        kl_per_dim=jnp.mean(kl_sum_B) / dims,
-        kl_per_position=jnp.mean(kl_BGG),
-        elb_bpd=jnp.mean(elb_bpd_B),
-        mse=jnp.mean(mse_B),
-        psnr=jnp.mean(psnr_B),
-        code_usage=jnp.sum(used > 0),
-        codes=codes,
-    )
-    return loss, aux
-
-
-# ----------------------------------------------------------------------------- convenience
-
-
-class ImageTokenizer:
-    """Holds a config and parameters; jitted `encode` / `decode` with host-side checks.
-
-    The class adds no state beyond its inputs: both methods call the pure functions above.
-    """
-
-    def __init__(self, config: DVAEConfig, params: Any):
-        self.config = config
-        self.params = params
-        self.model = DVAE(config)
-        self._encode = jax.jit(functools.partial(encode, model=self.model))
-        self._decode = jax.jit(functools.partial(decode, model=self.model))
-
-    @classmethod
-    def load(cls, directory: str, expected_config: DVAEConfig | None = None) -> ImageTokenizer:
-        """Loads a dVAE export (from the dVAE trainer or the OpenAI import)."""
-        from dalle_jax.tokenizers import params_io  # local: params_io imports this module
-
-        config, params = params_io.load_params(directory, expected_config)
-        return cls(config, params)
-
-    @property
-    def grid(self) -> int:
-        return self.config.grid
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    def encode(self, images: Any) -> jax.Array:
-        """``(B, H, W, C)`` uint8 or [0, 1] float images -> ``(B, G, G)`` int32 tokens."""
-        if not hasattr(images, "dtype"):
-            images = np.asarray(images)
-        _check_images(images, self.config)
-        return self._encode(self.params, images)
-
-    def decode(self, tokens: Any) -> jax.Array:
-        """``(B, G, G)`` integer tokens -> ``(B, H, W, C)`` float32 images in [0, 1].
-
-        Raises:
-            ValueError: on a wrong shape, a non-integer dtype or ids outside [0, vocab_size).
-        """
-        if not hasattr(tokens, "dtype"):
-            tokens = np.asarray(tokens)
-        _check_tokens(tokens, self.config)
-        if tokens.size:
-            lo, hi = int(np.min(tokens)), int(np.max(tokens))  # host sync: a value check
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(
-                    f"token ids must lie in [0, {self.config.vocab_size}), got min {lo}, max {hi}"
-                )
-        return self._decode(self.params, tokens)

@@ -1,4 +1,4 @@
-"""Import of OpenAI's released dVAE weights, and the dVAE parameter checkpoint format.
+"""Import of OpenAI's released dVAE weights into a dVAE export.
 
 OpenAI published ``encoder.pkl`` and ``decoder.pkl``: whole pickled ``torch.nn.Module``s of
 the ``dall_e`` package (github.com/openai/DALL-E), whose state dicts are named ``blocks.<path>.{w,b}`` with
@@ -7,7 +7,7 @@ OIHW kernels. This module
 * reads such a pickle (or takes a module / state dict directly), infers the `DVAEConfig`
   from the tensor shapes, checks every name and shape against our model, and converts the
   tensors to our parameter tree (``blocks.a.b.w`` -> ``encoder|decoder/a/b/kernel``, HWIO);
-* writes the converted parameters as a dVAE export (`dalle_jax.tokenizers.params_io`),
+* writes the converted parameters as a dVAE export (`dalle_jax.exports.save_dvae`),
   the same format the dVAE trainer produces.
 
 torch and ``dall_e`` are needed only to read the pickles (unpickling imports the classes);
@@ -25,8 +25,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from dalle_jax import exports
 from dalle_jax.tokenizers.dvae import DVAEConfig, abstract_params
-from dalle_jax.tokenizers.params_io import save_params
 
 
 _GROUP_RE = re.compile(r"^blocks\.group_(\d+)\.block_(\d+)\.")
@@ -312,6 +312,6 @@ def main(encoder_pkl: str, decoder_pkl: str, out_dir: str, *, image_size: int = 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"output path {out_dir} exists and is not a directory")
     config, params = convert(encoder_pkl, decoder_pkl, image_size=image_size)
-    save_params(out_dir, config, params, source="openai",
+    exports.save_dvae(out_dir, config, params, source="openai",
                 encoder_pkl=os.path.abspath(encoder_pkl), decoder_pkl=os.path.abspath(decoder_pkl))
     return config

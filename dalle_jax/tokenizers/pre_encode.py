@@ -22,9 +22,9 @@ from array_record.python import array_record_module
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dalle_jax import exports
 from dalle_jax.data import augment, sources, tokens
-from dalle_jax.tokenizers import params_io
-from dalle_jax.tokenizers.dvae import ImageTokenizer, encode
+from dalle_jax.tokenizers.image_tokenizer import ImageTokenizer, encode
 
 
 def _record(example: dict, tokens_GG: np.ndarray, vocab: int) -> dict:
@@ -90,7 +90,7 @@ def encode_dataset(
                 "num_shards": max(1, math.ceil(len(src) / shard_size))}
             for s, src in split_sources.items()}
     meta = {
-        "dvae": {"identity": params_io.identity(tokenizer.config), "grid": tokenizer.grid,
+        "dvae": {"identity": exports.dvae_identity(tokenizer.config), "grid": tokenizer.grid,
                  "params": dvae_dir},
         "source": {"source": data_cfg.source, "image_size": size,
                    "shapes": data_cfg.shapes.to_dict() if data_cfg.source == "shapes" else None,

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import shutil
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -58,7 +57,6 @@ from dalle_jax.train import loop
 
 PyTree = Any
 
-TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "bpe.model"
 # Seeds the training negatives' generators (with the run seed, batch position and index).
 _NEGATIVES_STREAM = 0xC11F
@@ -659,17 +657,11 @@ def export_scorer(export_dir: str, task: loop.Task, params: PyTree, *, step: int
                   retrieval: dict | None) -> str:
     """Writes a self-contained scorer export: params, ``meta.json`` (identity with the
     tower config and tokenizer, step, EMA, final evaluation) and ``tokenizer/bpe.model``."""
-    from dalle_jax import checkpoint as ckpt_lib
+    from dalle_jax import exports
 
     meta = {"identity": task.identity, "task": task.name, "source": "trained", "step": int(step),
             "ema": bool(ema), "retrieval": dict(retrieval or {})}
-    ckpt_lib.export_params(export_dir, params, meta)
-    if jax.process_index() == 0:
-        d = os.path.join(export_dir, TOKENIZER_DIR)
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, TOKENIZER_FILE + ".tmp")
-        shutil.copyfile(task.tokenizer.path, tmp)
-        os.replace(tmp, os.path.join(d, TOKENIZER_FILE))
+    exports.write_scorer(export_dir, params, meta, task.tokenizer.path, TOKENIZER_FILE)
     return export_dir
 
 

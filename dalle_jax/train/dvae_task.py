@@ -25,7 +25,8 @@ from jax.experimental import multihost_utils
 from dalle_jax import metrics as metrics_lib
 from dalle_jax import sharding, visualize
 from dalle_jax.data import sources
-from dalle_jax.tokenizers import dvae, params_io
+from dalle_jax import exports
+from dalle_jax.tokenizers import dvae, dvae_objective
 from dalle_jax.train import loop, schedules
 
 
@@ -35,7 +36,7 @@ def model_config(cfg) -> dvae.DVAEConfig:
 
 
 def loss_options(cfg) -> dict[str, Any]:
-    """Keyword arguments of `dvae.dvae_loss` from the optional ``loss`` section.
+    """Keyword arguments of `dvae_objective.dvae_loss` from the optional ``loss`` section.
 
     ``loss.recon``: "logit_laplace" (the paper's, default) or "mse"; ``loss.ln_b_min``: floor
     on the logit-Laplace ln b (default -inf, none); ``loss.mse_sigma``: std of the "mse" term.
@@ -47,8 +48,8 @@ def loss_options(cfg) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown loss options {unknown}; allowed keys are {sorted(known)}")
     recon = str(section.get("recon", "logit_laplace"))
-    if recon not in dvae.RECON_LOSSES:
-        raise ValueError(f"loss.recon must be one of {dvae.RECON_LOSSES}, got {recon!r}")
+    if recon not in dvae_objective.RECON_LOSSES:
+        raise ValueError(f"loss.recon must be one of {dvae_objective.RECON_LOSSES}, got {recon!r}")
     sigma = float(section.get("mse_sigma", 0.1))
     if not sigma > 0:
         raise ValueError(f"loss.mse_sigma must be > 0, got {sigma}")
@@ -69,8 +70,8 @@ def make_task(cfg, workdir: str) -> loop.Task:
 
     def loss_fn(params, batch, rng, step):
         tau, beta = tau_fn(step), beta_fn(step)
-        loss, aux = dvae.dvae_loss(params, batch["image"], rng, tau=tau, beta=beta, model=model,
-                                    **loss_opts)
+        loss, aux = dvae_objective.dvae_loss(params, batch["image"], rng, tau=tau, beta=beta,
+                                              model=model, **loss_opts)
         codes = aux.pop("codes")
         aux.pop("loss")
         aux.pop("code_usage")
@@ -84,7 +85,7 @@ def make_task(cfg, workdir: str) -> loop.Task:
     evaluator = ReconEvaluator(cfg, workdir, model)
     return loop.Task(
         name="dvae",
-        identity=params_io.identity(mcfg),
+        identity=exports.dvae_identity(mcfg),
         init_variables=lambda rng: dvae.init_variables(mcfg, rng),
         loss_fn=loss_fn,
         device_batch=lambda b: {"image": b["image"]},

@@ -29,6 +29,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 
 from dalle_jax import checkpoint as ckpt_lib
+from dalle_jax import exports
 from dalle_jax import metrics as metrics_lib
 from dalle_jax import multihost
 from dalle_jax import sharding, treeutil
@@ -425,12 +426,12 @@ def _reduce_window(host: dict, n: int, summarize) -> dict:
 
 def _load_init_params(path: str, abstract_params, identity):
     """Params from a params export (``--job=export`` makes one from any checkpoint)."""
-    if not os.path.exists(os.path.join(path, "meta.json")):
+    if not exports.is_export(path):
         raise ValueError(
             f"ckpt.init_params={path!r} is not a params export (no meta.json); make one with "
             "--job=export --config.export.source=<checkpoints dir> --config.export.dtype="
             "float32, or use ckpt.resume_from to continue a run with its optimizer state")
-    params, _ = ckpt_lib.load_params(path, identity=identity, abstract=abstract_params)
+    params, _ = exports.load(path, identity=identity, abstract=abstract_params)
     return params
 
 
