@@ -4,6 +4,7 @@ XLA_FLAGS must be set before JAX is first imported, so this runs at collection t
 grain 0.2.18's multiprocess workers read an absl flag and fail unless flags are parsed.
 """
 
+import importlib
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -38,3 +39,26 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", old)
+
+
+def import_or_skip(name: str):
+    """Imports the optional test dependency ``name``, or skips the test without it.
+
+    In CI (the ``CI`` environment variable set) a missing dependency fails the test
+    instead: the set-up there installs every test dependency (make setup-test), so a skip
+    would only hide a broken set-up and leave the comparison untested.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        msg = f"the test dependency {name!r} is missing ({e}); make setup-test installs it"
+        if os.environ.get("CI"):
+            pytest.fail(f"{msg}. CI is set, so this test must run rather than skip",
+                        pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def require():
+    """`import_or_skip` as a fixture: ``torch = require("torch")``."""
+    return import_or_skip

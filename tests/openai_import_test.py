@@ -150,6 +150,16 @@ def test_round_trip_without_torch():
     jax.tree.map(np.testing.assert_array_equal, got, jax.tree.map(np.asarray, params))
 
 
+def test_missing_golden_dependency_skips_locally_and_fails_in_ci(require, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="'no_such_package_x' is missing"):
+        require("no_such_package_x")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="'no_such_package_x' is missing.*CI is set"):
+        require("no_such_package_x")
+    assert require("numpy") is np
+
+
 def test_not_a_dvae_pickle(tmp_path, release):
     import torch  # installed: the release fixture requires it
     enc, dec, enc_pkl, dec_pkl = release
