@@ -166,10 +166,12 @@ class ReconEvaluator:
 
 
 def _eval_batch(params, images, rng, *, model, loss_opts):
-    _, aux = dvae.dvae_loss(params, images, rng, tau=1.0, beta=1.0, model=model, hard_sample=True,
-                            **loss_opts)
-    tokens = dvae.encode(params, images, model=model)
-    recon = dvae.decode(params, tokens, model=model)
+    from dalle_jax.tokenizers import image_tokenizer
+
+    _, aux = dvae_objective.dvae_loss(params, images, rng, tau=1.0, beta=1.0, model=model,
+                                      hard_sample=True, **loss_opts)
+    tokens = image_tokenizer.encode(params, images, model=model)
+    recon = image_tokenizer.decode(params, tokens, model=model)
     x01 = dvae.to_unit_interval(images)
     mse_B = jnp.mean((recon - x01) ** 2, axis=(1, 2, 3))
     vocab = model.config.vocab_size
