@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from dalle_jax import configlib, sharding
 from dalle_jax.models import transformer as tr
@@ -54,6 +55,38 @@ def test_paper_dvae_decays_every_conv_kernel_and_no_bias():
 ])
 def test_decays_reads_what_a_leaf_is(logical, want):
     assert optim.decays(logical) is want
+
+
+def test_decay_mask_of_a_small_tree():
+    """The mask for a hand-written tree: matrices and conv kernels decay, everything else
+    not, looked up by path so a boxed tree and a plain one get the same mask."""
+    axes = {
+        "dense": {"kernel": P("embed", "mlp"), "bias": P("mlp")},
+        "stacked": {"w": P("layers", "embed", "mlp"), "gain": P("layers", "embed")},
+        "conv": {"kernel": P("conv_window", "conv_window", "conv_in", "conv_out")},
+        "embed": P("vocab", "embed"),
+        "pos": P("length", "embed"),
+        "head": P("embed", "vocab"),
+    }
+    want = {"dense": {"kernel": True, "bias": False},
+            "stacked": {"w": True, "gain": False},
+            "conv": {"kernel": True}, "embed": False, "pos": False, "head": False}
+    shapes = {"dense": {"kernel": (4, 8), "bias": (8,)},
+              "stacked": {"w": (2, 4, 8), "gain": (2, 4)},
+              "conv": {"kernel": (3, 3, 2, 5)}, "embed": (10, 4), "pos": (6, 4), "head": (4, 10)}
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)  # noqa: E731
+    params = jax.tree.map(jnp.ones, shapes, is_leaf=is_shape)
+    mask = optim.decay_mask(axes)
+    assert mask(params) == want
+    boxed = jax.tree.map(lambda a, spec: nn.LogicallyPartitioned(a, tuple(spec)), params, axes)
+    assert jax.tree.leaves(mask(boxed)) == jax.tree.leaves(want)
+    # Weight decay of 0.5 at lr 1 moves exactly the decayed leaves, by 0.5 * value.
+    tx = optax.adamw(1.0, weight_decay=0.5, mask=mask)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    jax.tree.map(lambda u, decayed: np.testing.assert_array_equal(u, -0.5 if decayed else 0.0),
+                 updates, want)
+    with pytest.raises(KeyError, match="'extra' is not in the weight-decay table"):
+        mask(dict(params, extra=jnp.ones(3)))
 
 
 def test_decays_refuses_unclassified_leaves():
