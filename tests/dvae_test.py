@@ -34,6 +34,86 @@ def _images(shape, seed=0, dtype=np.uint8):
     return x.astype(np.uint8) if dtype == np.uint8 else (x / 255.0).astype(dtype)
 
 
+# ----------------------------------------------------------------------------- NumPy reference
+# The objective written out again in float64 NumPy from its formulas (paper §A.2, §A.3), so
+# the loss tests do not check dvae_objective against itself.
+
+EPS = 0.1  # the pixel map's margin: [0, 1] -> [0.1, 0.9]
+
+
+def _np_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _np_logit_laplace_nll(x, mu, ln_b):
+    """-ln of the logit-Laplace density 1/(2 b x (1-x)) exp(-|logit x - mu| / b)."""
+    b = np.exp(ln_b)
+    logit = np.log(x / (1 - x))
+    return np.log(2 * b * x * (1 - x)) + np.abs(logit - mu) / b
+
+
+def _np_gaussian_nll(x, mu, sigma):
+    mean = 1 / (1 + np.exp(-mu))
+    return (x - mean) ** 2 / (2 * sigma**2) + np.log(sigma * np.sqrt(2 * np.pi))
+
+
+def _np_objective(images_u8, logits, stats, beta, recon="logit_laplace", sigma=0.1):
+    """Loss and metrics of one batch from the encoder's logits and the decoder's stats."""
+    x01 = images_u8.astype(np.float64) / 255.0
+    x = (1 - 2 * EPS) * x01 + EPS
+    c = x.shape[-1]
+    mu, ln_b = stats[..., :c].astype(np.float64), stats[..., c:].astype(np.float64)
+    nll = (_np_logit_laplace_nll(x, mu, ln_b) if recon == "logit_laplace"
+           else _np_gaussian_nll(x, mu, sigma))
+    q = _np_softmax(logits.astype(np.float64))
+    v = logits.shape[-1]
+    kl = np.sum(q * np.log(q * v), -1)  # KL(q || uniform) per position
+    d = np.prod(x.shape[1:])
+    nll_b, kl_b = nll.sum((1, 2, 3)), kl.sum((1, 2))
+    recon_img = np.clip((1 / (1 + np.exp(-mu)) - EPS) / (1 - 2 * EPS), 0, 1)
+    mse_b = np.mean((recon_img - x01) ** 2, (1, 2, 3))
+    return dict(
+        loss=np.mean((nll_b + beta * kl_b) / d),
+        recon_nll=np.mean(nll_b) / d,
+        kl_per_dim=np.mean(kl_b) / d,
+        kl_per_position=np.mean(kl),
+        # Bits per 8-bit value: the density on the mapped scale times the grid spacing
+        # 0.8 / 255 there, plus the KL, over D ln 2.
+        elb_bpd=np.mean((nll_b - d * np.log(0.8 / 255) + kl_b) / (d * np.log(2))),
+        mse=np.mean(mse_b),
+        psnr=np.mean(-10 * np.log10(mse_b)),
+        code_usage=len(np.unique(logits.argmax(-1))),
+        codes=logits.argmax(-1))
+
+
+def _logits_and_stats(params, images, rng, tau, *, hard=False):
+    """The encoder's logits and the decoder's output for the objective's Gumbel draw
+    (``jax.random.gumbel(rng, logits.shape)``), the relaxed sample taken in NumPy."""
+    model = dvae.DVAE(TINY)
+    x = jnp.asarray((1 - 2 * EPS) * (np.asarray(images) / 255.0) + EPS, jnp.float32)
+    logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                                         method=dvae.DVAE.encode_logits))(
+        params, x), np.float64)
+    g = np.asarray(jax.random.gumbel(rng, logits.shape, jnp.float32), np.float64)
+    if hard:
+        z = np.eye(logits.shape[-1])[np.argmax(logits + g, -1)]
+    else:
+        z = _np_softmax((logits + g) / tau)
+    stats = jax.jit(lambda p, z: model.apply({"params": p}, z, method=dvae.DVAE.decode_relaxed))(
+        params, jnp.asarray(z, jnp.float32))
+    return logits, np.asarray(stats, np.float64)
+
+
+def _check_aux(loss, aux, want, rtol=1e-4):
+    np.testing.assert_allclose(loss, want["loss"], rtol=rtol)
+    for k in ("recon_nll", "kl_per_dim", "kl_per_position", "elb_bpd", "mse", "psnr"):
+        np.testing.assert_allclose(aux[k], want[k], rtol=rtol, atol=1e-6, err_msg=k)
+    assert int(aux["code_usage"]) == want["code_usage"]
+    np.testing.assert_array_equal(aux["codes"], want["codes"])
+
+
 def test_paper_param_counts_without_allocation():
     abstract = dvae.abstract_params(dvae.DVAEConfig())
     assert treeutil.count_params(abstract["encoder"]) == 53_786_240
@@ -161,7 +241,7 @@ def test_kl_to_uniform():
     peaked = jnp.zeros((v,)).at[5].set(100.0)
     np.testing.assert_allclose(dvae_objective.kl_to_uniform(peaked), math.log(v), rtol=1e-5)
     logits = jax.random.normal(jax.random.key(0), (4, v))
-    q = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+    q = _np_softmax(np.asarray(logits, np.float64))
     direct = np.sum(q * np.log(q * v), -1)
     np.testing.assert_allclose(dvae_objective.kl_to_uniform(logits), direct, rtol=1e-5, atol=1e-6)
 
@@ -202,6 +282,13 @@ def test_logit_laplace_nll_matches_density():
     np.testing.assert_allclose(nll, -np.log(density), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(nll - nll_param, np.log(2) + np.log(x) + np.log(1 - x),
                                rtol=1e-5, atol=1e-5)
+    # By hand: at x = 1/2, mu = 0, b = 1 the density is 1 / (2 * 1/4) = 2; at x = 0.9
+    # (logit ln 9), mu = 0, b = e it is exp(-ln 9 / e) / (2 e 0.09).
+    got = dvae_objective.logit_laplace_nll(jnp.asarray([[0.5], [0.9]]),
+                                           jnp.asarray([[0.0, 0.0], [0.0, 1.0]]))[0]
+    np.testing.assert_allclose(np.ravel(got), [-math.log(2),
+                                               math.log(2 * math.e * 0.09) + math.log(9) / math.e],
+                               rtol=1e-6)
     # The density integrates to one over (0, 1) (checks the formula, not the code).
     grid = np.linspace(1e-6, 1 - 1e-6, 200001)
     f = 1 / (2 * 0.3 * grid * (1 - grid)) * np.exp(-np.abs(np.log(grid / (1 - grid)) - 0.2) / 0.3)
@@ -215,11 +302,12 @@ def test_recon_nll_options():
     ln_b = np.array([[-5.0, 0.3, -1.0]] * 4)
     stats = jnp.asarray(np.concatenate([mu, ln_b], -1), jnp.float32)
     # Default: the unclamped logit-Laplace term.
-    np.testing.assert_allclose(dvae_objective.recon_nll(x, stats)[0], dvae_objective.logit_laplace_nll(x, stats)[0])
+    np.testing.assert_allclose(dvae_objective.recon_nll(x, stats)[0],
+                               _np_logit_laplace_nll(np.asarray(x), mu, ln_b), rtol=1e-5, atol=1e-5)
     # ln_b_min floors ln b (and only ln b) before the logit-Laplace term.
-    floored = jnp.asarray(np.concatenate([mu, np.maximum(ln_b, -2.0)], -1), jnp.float32)
     np.testing.assert_allclose(dvae_objective.recon_nll(x, stats, ln_b_min=-2.0)[0],
-                               dvae_objective.logit_laplace_nll(x, floored)[0], rtol=1e-6)
+                               _np_logit_laplace_nll(np.asarray(x), mu, np.maximum(ln_b, -2.0)),
+                               rtol=1e-5, atol=1e-5)
     grad_ln_b = jax.grad(lambda s: dvae_objective.recon_nll(x, s, ln_b_min=-2.0)[0].sum())(stats)[:, 3:]
     assert np.all(np.asarray(grad_ln_b)[:, 0] == 0) and np.all(np.asarray(grad_ln_b)[:, 1:] != 0)
     # "mse": Gaussian density of the mapped pixel around sigmoid(mu), ln b ignored.
@@ -241,18 +329,13 @@ def test_dvae_loss_with_mse_recon(tiny_params):
     rng = jax.random.key(5)
     loss, aux = _jit(dvae_objective.dvae_loss, tau=0.5, beta=2.0, model=TINY, recon_loss="mse",
                      mse_sigma=0.1)(tiny_params, images, rng)
-    np.testing.assert_allclose(loss, aux["recon_nll"] + 2.0 * aux["kl_per_dim"], rtol=1e-5)
+    logits, stats = _logits_and_stats(tiny_params, images, rng, 0.5)
+    _check_aux(loss, aux, _np_objective(images, logits, stats, 2.0, recon="mse", sigma=0.1))
     np.testing.assert_allclose(aux["recon_nll"] - aux["recon_nll_param"],
                                math.log(0.1 * math.sqrt(2 * math.pi)), rtol=1e-5)
-    expected_bpd = (aux["recon_nll"] + math.log(255 / 0.8) + aux["kl_per_dim"]) / math.log(2)
-    np.testing.assert_allclose(aux["elb_bpd"], expected_bpd, rtol=1e-5)
     # The parameter-dependent part is the squared error on the mapped scale over 2 sigma^2.
-    stats = image_tokenizer.decode_relaxed(
-        tiny_params,
-        dvae_objective.gumbel_softmax(image_tokenizer.encode_logits(tiny_params, images, model=TINY), rng, 0.5),
-        model=TINY)
-    x_mapped = dvae.map_pixels(dvae.to_unit_interval(images))
-    sq = jnp.mean((jax.nn.sigmoid(stats[..., :3]) - x_mapped) ** 2)
+    x_mapped = 0.8 * images / 255.0 + 0.1
+    sq = np.mean((1 / (1 + np.exp(-stats[..., :3])) - x_mapped) ** 2)
     np.testing.assert_allclose(aux["recon_nll_param"], sq / 0.02, rtol=1e-4)
 
 
@@ -261,14 +344,14 @@ def test_dvae_loss_and_gradients(tiny_params):
     rng = jax.random.key(2)
     loss_fn = jax.jit(lambda p, x, r: dvae_objective.dvae_loss(p, x, r, tau=1.0, beta=6.6, model=TINY))
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tiny_params, images, rng)
-    d = 16 * 16 * 3
-    np.testing.assert_allclose(loss, aux["recon_nll"] + 6.6 * aux["kl_per_dim"], rtol=1e-5)
-    np.testing.assert_allclose(aux["kl_per_dim"] * d, aux["kl_per_position"] * 16, rtol=1e-5)
-    expected_bpd = (aux["recon_nll"] + math.log(255 / 0.8) + aux["kl_per_dim"]) / math.log(2)
-    np.testing.assert_allclose(aux["elb_bpd"], expected_bpd, rtol=1e-5)
+    logits, stats = _logits_and_stats(tiny_params, images, rng, 1.0)
+    want = _np_objective(images, logits, stats, 6.6)
+    _check_aux(loss, aux, want)
     assert aux["codes"].shape == (2, 4, 4) and aux["codes"].dtype == jnp.int32
-    assert 1 <= int(aux["code_usage"]) <= 32
-    np.testing.assert_allclose(aux["psnr"], -10 * np.log10(float(aux["mse"])), rtol=0.05)
+    # beta weighs only the KL: the same draw at beta 0 loses exactly the KL term.
+    loss0, _ = _jit(dvae_objective.dvae_loss, tau=1.0, beta=0.0, model=TINY)(
+        tiny_params, images, rng)
+    np.testing.assert_allclose(loss - loss0, 6.6 * want["kl_per_dim"], rtol=1e-3)
     for v in (loss, *[aux[k] for k in ("recon_nll", "recon_nll_param", "elb_bpd", "mse")]):
         assert bool(jnp.isfinite(v))
     leaves = jax.tree.leaves(grads)
@@ -278,9 +361,10 @@ def test_dvae_loss_and_gradients(tiny_params):
     assert float(jnp.abs(flat["encoder/input/kernel"]).max()) > 0
     assert float(jnp.abs(flat["decoder/input/kernel"]).max()) > 0
     # The true-ELB path (a hard sample) also runs.
-    _, hard = _jit(dvae_objective.dvae_loss, tau=1.0, beta=1.0, model=TINY, hard_sample=True)(
-        tiny_params, images, rng)
-    assert bool(jnp.isfinite(hard["elb_bpd"]))
+    hard_loss, hard = _jit(dvae_objective.dvae_loss, tau=1.0, beta=1.0, model=TINY,
+                           hard_sample=True)(tiny_params, images, rng)
+    logits, stats = _logits_and_stats(tiny_params, images, rng, 1.0, hard=True)
+    _check_aux(hard_loss, hard, _np_objective(images, logits, stats, 1.0))
 
 
 def test_bad_inputs(tiny_params):
