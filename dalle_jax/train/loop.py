@@ -59,7 +59,8 @@ class Task:
       device_batch: host batch (numpy dict, strings included) -> dict of numeric arrays
         to transfer; keys must have a leading batch dim.
       summarize: host-side ``metrics -> metrics`` run at log time (e.g. histograms to usage).
-      evaluate: ``(params, step) -> metrics`` run every ``eval_every`` steps and at the end.
+      evaluate: ``(params, step) -> metrics`` run every ``eval_every`` steps and at the end;
+        or an `evals.registry.Suite`, whose evaluators each keep their own ``every``.
       tokens_per_example: sequence length of one example; when set, the loop also logs
         ``perf/tokens_per_second``.
       resblocks: the model's resblock layout for per-resblock gradient scaling (float16
@@ -394,11 +395,14 @@ def train(
                     progress.set_postfix(loss=f"{out['loss']:.4f}")
                 acc = jax.tree.map(jnp.copy, zero_acc)
                 window_start, window_t0, window_n = step, time.time(), 0
-            if task.evaluate is not None and eval_every and (step % eval_every == 0 or step == total_steps):
+            if task.evaluate is not None and _eval_due(task.evaluate, eval_every, step, total_steps):
                 eval_params = state.ema_params if ema_decay > 0 else state.params
                 t_eval = time.time()
-                with sharding.activation_rules(mesh, rules):
-                    ev = task.evaluate(eval_params, step)
+                if getattr(task.evaluate, "applies_rules", False):
+                    ev = task.evaluate(eval_params, step)  # an evals.registry.Suite
+                else:
+                    with sharding.activation_rules(mesh, rules):
+                        ev = task.evaluate(eval_params, step)
                 ev["seconds"] = time.time() - t_eval
                 writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
                 window_t0 += time.time() - t_eval  # keep eval time out of the step rate
@@ -410,6 +414,16 @@ def train(
     if progress is not None:
         progress.close()
     return state
+
+
+def _eval_due(evaluate, eval_every: int, step: int, total_steps: int) -> bool:
+    """Whether ``task.evaluate`` runs after ``step``: an `evals.registry.Suite` keeps each
+    evaluator's own schedule; a plain callable runs every ``eval_every`` steps and at the
+    end."""
+    due = getattr(evaluate, "due", None)
+    if due is not None:
+        return bool(due(step))
+    return bool(eval_every) and (step % eval_every == 0 or step == total_steps)
 
 
 def _reduce_window(host: dict, n: int, summarize) -> dict:
