@@ -104,7 +104,9 @@ def checkpointing(every: int = 1000, keep: int = 3) -> mlc.ConfigDict:
 
 
 def logging(every: int = 50) -> mlc.ConfigDict:
-    return mlc.ConfigDict(dict(every_steps=every, progress_bar=True))
+    """Training logs: metrics every ``every`` steps to ``metrics.jsonl``; ``tensorboard``:
+    also to TensorBoard event files when tensorboardX is installed (`dalle_jax.metrics`)."""
+    return mlc.ConfigDict(dict(every_steps=every, progress_bar=True, tensorboard=True))
 
 
 def dvae_paper_schedules() -> mlc.ConfigDict:

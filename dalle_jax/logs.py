@@ -147,6 +147,7 @@ class Logs:
         self.file_handler: logging.FileHandler | None = None
         self._held: _Held | None = None
         self._saved: tuple | None = None
+        self._added_handler = False
 
     def start(self, verbosity: int) -> None:
         self.verbosity = int(verbosity)
@@ -162,6 +163,7 @@ class Logs:
         handler.addFilter(self.console_filter)
         if handler not in root.handlers:
             root.addHandler(handler)
+            self._added_handler = True
         self._held = _Held()
         root.addHandler(self._held)
         logging.captureWarnings(True)
@@ -208,6 +210,9 @@ class Logs:
             handler.python_handler.stream = stream
             handler.setFormatter(formatter)
             self._saved = None
+        if self._added_handler:
+            root.removeHandler(handler)
+            self._added_handler = False
 
 
 def _standard_level(verbosity: int) -> int:

@@ -28,14 +28,13 @@ scorer exports). A directory that already holds samples made with other settings
 overwritten: the job stops and names the differing settings.
 
 On `shapes` token data the report also holds the caption match of the first
-``eval_captions`` captions of each split in ``eval_splits`` (`dalle_jax.eval.caption_match`):
+``eval_captions`` captions of each split in ``eval_splits`` (`dalle_jax.evals.caption_match`):
 best-of-1, best-of-``eval_rerank`` reranked by the scorer, and guided at
 ``eval_guidance``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -224,7 +223,7 @@ def run(cfg, workdir: str) -> None:
         "grid": os.path.join(out_dir, "grid.png"), "prompts": []}
     verdicts = None
     if shapes_data:
-        from dalle_jax.eval import shapes_match
+        from dalle_jax.evals import shapes_match
 
         verdicts = [[shapes_match.match(images[i, j], p) for j in range(keep)]
                     for i, p in enumerate(prompts)]
@@ -265,7 +264,7 @@ def run(cfg, workdir: str) -> None:
     _write_json(report_path, report)
     brief = {k: v for k, v in report.items() if k not in ("prompts", "settings", "sources")}
     if evaluation:
-        from dalle_jax.eval import caption_match
+        from dalle_jax.evals import caption_match
 
         brief["caption_match"] = {k: caption_match.headline(v)
                                   for k, v in report["caption_match"].items()}
@@ -274,33 +273,15 @@ def run(cfg, workdir: str) -> None:
 
 def _caption_match(cfg, sampler, scorer, seed: int, bs: int) -> dict:
     """``split -> (summary, best-of-1 images, captions)`` of the shapes caption match."""
-    from dalle_jax.data.tokens import TokenSource
-    from dalle_jax.eval import caption_match
+    from dalle_jax.evals import caption_match
 
     s = cfg.sample
     rerank_n = int(s.get("eval_rerank", 0))
     if rerank_n and scorer is None:
         logging.warning("sample.eval_rerank=%d but no scorer (sample.rerank): the reranked "
                         "caption match is not measured", rerank_n)
-    scale = float(s.get("eval_guidance", 1.0))
-    guided = None
-    if scale != 1.0:
-        guided = sampler.with_sampling(dataclasses.replace(sampler.sampling, guidance=scale))
-    out = {}
-    for split in [x.strip() for x in str(s.eval_splits).split(",") if x.strip()]:
-        source = TokenSource(str(cfg.data.tokens_dir), split)
-        examples = [source[i] for i in range(min(int(s.eval_captions), len(source)))]
-        per = 1 + (rerank_n if scorer is not None else 0) + (1 if guided else 0)
-        update, close = _progress_bar(len(examples) * per, f"caption match ({split})")
-        t0 = time.time()
-        try:
-            summary, images = caption_match.evaluate_split(
-                sampler, examples, seed=seed, batch_size=bs, grid=source.grid, scorer=scorer,
-                rerank_n=rerank_n, rerank_chunk=int(s.get("rerank_chunk", 64)),
-                guided_sampler=guided, progress=update)
-        finally:
-            close()
-        summary["seconds"] = round(time.time() - t0, 2)
-        out[split] = (summary, images, [str(ex["caption"]) for ex in examples])
-    return out
-
+    return caption_match.run_splits(
+        sampler, str(cfg.data.tokens_dir), caption_match.split_names(s.eval_splits),
+        captions=int(s.eval_captions), seed=seed, batch_size=bs, scorer=scorer,
+        rerank_n=rerank_n, rerank_chunk=int(s.get("rerank_chunk", 64)),
+        guidance=float(s.get("eval_guidance", 1.0)), progress_bar=_progress_bar)

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from dalle_jax import checkpoint as ckpt_lib
 from dalle_jax import exports
 from dalle_jax import metrics as metrics_lib
-from dalle_jax import multihost
+from dalle_jax import logs, multihost
 from dalle_jax import sharding, treeutil
 from dalle_jax.train import optim
 
@@ -314,13 +314,13 @@ def train(
     if latest is not None:
         state, data_state, _ = ckpt.restore(latest, abstract, task.identity)
         train_iter.set_state(data_state)
-        logging.info("resumed from %s step %d", ckpt.directory, latest)
+        logs.note("resumed from %s step %d", ckpt.directory, latest)
     elif cfg.ckpt.resume_from:
         d, step = ckpt_lib.find_checkpoint(cfg.ckpt.resume_from)
         other = ckpt_lib.Checkpointer(d, read_only=True, async_save=False)
         state, data_state, _ = other.restore(step, abstract, task.identity)
         train_iter.set_state(data_state)
-        logging.info("resumed from %s step %d", d, step)
+        logs.note("resumed from %s step %d", d, step)
     if state is None:
         state = jax.jit(create, out_shardings=state_sh)(jax.random.key(seed))
         if cfg.ckpt.init_params:
@@ -354,7 +354,9 @@ def train(
                      "aliased %.1f MiB", *(mem[k] / 2**20 for k in (
                          "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes")))
 
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(cfg.log.get("tensorboard", True)),
+                                      first_step=start_step)
+    t_start = time.time()
     progress = _progress(total_steps, start_step, bool(cfg.log.progress_bar))
     acc = jax.tree.map(jnp.copy, zero_acc)
     window_start, window_t0, window_n = start_step, time.time(), 0
@@ -413,6 +415,9 @@ def train(
     ckpt.close()
     if progress is not None:
         progress.close()
+    writer.close()
+    logs.note("%s: step %d of %d, %d steps in %.0fs; %s", task.name, step, total_steps,
+              step - start_step, time.time() - t_start, metrics_lib.headline(writer.latest))
     return state
 
 
