@@ -174,6 +174,13 @@ def sample(captions, **overrides) -> mlc.ConfigDict:
     return c
 
 
+def evaluate() -> mlc.ConfigDict:
+    """The ``evaluate`` job's section: params "" = the newest WORKDIR/exports/step_N (or an
+    export / run directory to evaluate), only "" = every ``evals`` section of that model
+    (else comma-separated section names), out_dir "" = WORKDIR/evaluate/step_N."""
+    return mlc.ConfigDict(dict(params="", only="", out_dir=""))
+
+
 def export(dtype: str = "bfloat16") -> mlc.ConfigDict:
     """The ``export`` job's section: source "" = the newest WORKDIR/exports/step_N (or a
     params export, or a training checkpoint), out "" = the source's path + "_<dtype>"."""

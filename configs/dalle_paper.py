@@ -72,8 +72,9 @@ def get_config(arg=None):
     c.plan = common.plan(image_vocab=8192, grid=32)
     c.ckpt = common.checkpointing(every=2_500)
     c.export = common.export()
+    c.evaluate = common.evaluate()
     c.log = common.logging(every=100)
-    c.evals = dict(val=dict(num_batches=16))
+    c.evals = dict(val=dict(type="val_loss", num_batches=16))
     # params / dvae_params "": the newest export of WORKDIR / of the dVAE run that wrote
     # the tokens. The paper draws 512 candidates per caption at temperature 1 and reranks.
     c.sample = common.sample(("a painting of a fox sitting in a field",), batch_size=8)

@@ -96,7 +96,22 @@ def get_config(arg=None):
     c.ckpt = common.checkpointing(every=max(1, steps // 4))
     c.export = common.export()
     c.log = common.logging(every=50)
-    c.evals = dict(val=dict(num_batches=8))
+    # Run by the loop every eval_every steps: the validation loss. The caption match
+    # (sampling; best of 1, best of `rerank` reranked by `scorer`, guided at `guidance`)
+    # and the FID of samples against real images (Inception with `inception_weights` or
+    # $DALLE_JAX_INCEPTION_WEIGHTS, else the scorer's features) have every=0: they run in
+    # --job=evaluate and launch/benchmark_shapes.sh (set every > 0 to run them in training).
+    c.evals = dict(
+        val=dict(type="val_loss", num_batches=8),
+        caption_match=dict(type="caption_match", every=0, captions=200,
+                           splits="validation,test_compositional", seed=0, batch_size=64,
+                           temperature=0.7, rerank=16, rerank_chunk=64, scorer="",
+                           guidance=2.0, grid_examples=32),
+        fid=dict(type="shapes_fid", every=0, split="validation", num_images=500, seed=0,
+                 batch_size=64, temperature=0.7, features="auto", inception_weights="",
+                 scorer=""),
+    )
+    c.evaluate = common.evaluate()
     # eval_rerank: with a scorer (sample.rerank), the caption match of the best of 16
     # candidates; eval_guidance: of single samples with classifier-free guidance.
     c.sample = common.sample(DEMO_CAPTIONS, temperature=0.7, eval_captions=200,

@@ -37,13 +37,14 @@ def get_config(arg=None):
     c.plan = common.plan()
     c.ckpt = common.checkpointing(every=5000)
     c.export = common.export()
+    c.evaluate = common.evaluate()
     c.log = common.logging(every=100)
     # Pre-encoding for stage 2 (--job=encode): dVAE export (default: this workdir's newest),
     # output directory (default: WORKDIR/tokens), splits, examples per shard.
     c.encode = dict(params="", out_dir="", splits="train,validation", shard_size=10_000, batch_size=64)
     # --job=import_openai_dvae: local paths of OpenAI's released encoder.pkl / decoder.pkl.
     c.openai = dict(encoder_pkl="", decoder_pkl="")
-    c.evals = dict(recon=dict(num_batches=16, grid_examples=16))
+    c.evals = dict(recon=dict(type="recon", num_batches=16, grid_examples=16))
     if arg.runlocal:
         c.total_steps = 2
         c.eval_every = 2

@@ -78,9 +78,10 @@ def get_config(arg=None):
     c.plan = common.plan()
     c.ckpt = common.checkpointing(every=max(1, steps // 4))
     c.export = common.export()
+    c.evaluate = common.evaluate()
     c.log = common.logging(every=50)
     # Pre-encoding for stage 2 (--job=encode): dVAE export (default: this workdir's newest),
     # output directory (default: WORKDIR/tokens), splits, examples per shard.
     c.encode = dict(params="", out_dir="", splits="train,validation,test_compositional", shard_size=5000, batch_size=64)
-    c.evals = dict(recon=dict(num_batches=8, grid_examples=16))
+    c.evals = dict(recon=dict(type="recon", num_batches=8, grid_examples=16))
     return c

@@ -354,6 +354,13 @@ def eval_coco(cfg, workdir: str) -> None:
     coco.eval_coco(cfg, workdir)
 
 
+def evaluate(cfg, workdir: str) -> None:
+    """Runs the config's ``evals`` evaluators on an export (`dalle_jax.evals.job`)."""
+    from dalle_jax.evals import job
+
+    job.run(cfg, workdir)
+
+
 def plan(cfg, workdir: str) -> None:
     """Prints what one device holds to train this config on its mesh, and whether it fits.
 
@@ -402,6 +409,7 @@ def plan(cfg, workdir: str) -> None:
 JOBS: dict[str, Callable] = {
     "encode": encode,
     "eval_coco": eval_coco,
+    "evaluate": evaluate,
     "export": export,
     "import_clip": import_clip,
     "import_openai_dvae": import_openai_dvae,

@@ -113,7 +113,7 @@ def test_scorers_check_their_pairs():
 
 
 def test_reported_caption_match_refuses_the_checker_as_its_own_reranker():
-    from dalle_jax.eval import caption_match
+    from dalle_jax.evals import caption_match
 
     with pytest.raises(ValueError, match="needs a learned scorer"):
         caption_match.evaluate_split(_sampler(), [{"caption": "c1", "image_tokens": None}],

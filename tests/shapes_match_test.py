@@ -1,4 +1,4 @@
-"""Tests for the `shapes` caption-match checker (dalle_jax.eval.shapes_match)."""
+"""Tests for the `shapes` caption-match checker (dalle_jax.evals.shapes_match)."""
 
 import dataclasses
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dalle_jax.data import shapes as S
-from dalle_jax.eval import shapes_match as M
+from dalle_jax.evals import shapes_match as M
 
 N_VALIDATION = 300
 N_TEST = 100

@@ -73,7 +73,7 @@ class ShapesCheckerScorer:
     name = "shapes_checker"
 
     def score(self, images: np.ndarray, captions: Sequence[str]) -> np.ndarray:
-        from dalle_jax.eval import shapes_match
+        from dalle_jax.evals import shapes_match
 
         images = _check_pairs(images, captions)
         return np.asarray([float(shapes_match.match(im, c).ok)

@@ -44,6 +44,7 @@ on a mesh and over several processes (tested).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -457,6 +458,19 @@ class Sampler:
         parameters are shared, not copied)."""
         return Sampler(self.config, self.params, self.text_tokenizer, self.image_tokenizer,
                        sampling, mesh=self.mesh, rules=getattr(self, "rules", None))
+
+    def with_params(self, params: PyTree) -> Sampler:
+        """The same compiled sampler over other parameters of the same architecture (e.g.
+        the current training parameters at each evaluation): nothing is recompiled."""
+        other = copy.copy(self)
+        if self.mesh is None:
+            other.params = sharding.unboxed(params)
+        else:
+            param_sh = param_shardings(self.config, self.mesh, self.rules)
+            other.params = jax.tree.map(
+                lambda x, sh: x if getattr(x, "sharding", None) == sh else jax.device_put(x, sh),
+                sharding.unboxed(params), param_sh)
+        return other
 
     def encode_captions(self, captions: Sequence[str]) -> np.ndarray:
         """``(N, T)`` text slots of the captions (no BPE-dropout)."""

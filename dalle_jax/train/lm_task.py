@@ -5,22 +5,20 @@ tokens by default (``model.loss_text_weight``); captions get BPE-dropout 0.1 in 
 (App. B.2). With ``text.caption_dropout = p > 0`` (not in the paper) each training
 caption is replaced, with probability p, by the empty caption's slots ``[BOS, pad_1, ...]``,
 so the same model also learns images without a caption, which classifier-free guided
-sampling contrasts with the captioned ones (`dalle_jax.sample.sampler`). Evaluation reports the same losses and accuracies on the eval split, without
-dropout and in file order, so successive evaluations see the same batches.
+sampling contrasts with the captioned ones (`dalle_jax.sample.sampler`). Evaluation is
+the ``config.evals`` sections run by the loop (`dalle_jax.evals.registry`: validation
+loss, caption match).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import sharding
-from dalle_jax.data import text_pipeline
 from dalle_jax.data.tokens import read_meta
 from dalle_jax.models import transformer
 from dalle_jax.train import loop, optim
@@ -61,16 +59,19 @@ def identity(mcfg: transformer.TransformerConfig, tokenizer, token_meta: dict) -
 
 def make_task(cfg, workdir: str, tokenizer) -> loop.Task:
     """The stage-2 `loop.Task` reading ``cfg.data.tokens_dir`` with ``tokenizer``."""
-    del workdir  # nothing is written besides what the loop writes
     meta = read_meta(str(cfg.data.tokens_dir))
     mcfg = model_config(cfg, tokenizer, meta)
     model = transformer.Transformer(mcfg)
-    evaluator = ValEvaluator(cfg, tokenizer, model) if int(cfg.evals.val.num_batches) > 0 else None
+    from dalle_jax.evals import registry
+
+    evaluators = registry.build(cfg, registry.EvalContext(
+        cfg, registry.output_dir(workdir), "transformer", model=model, text_tokenizer=tokenizer))
     drop = float(cfg.text.get("caption_dropout", 0.0))
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"text.caption_dropout must be in [0, 1), got {drop}")
     null_text = tokenizer.encode_slots("", text_len=mcfg.text_len)[0]
-    return model_task(mcfg, identity(mcfg, tokenizer, meta), evaluator, caption_dropout=drop,
+    return model_task(mcfg, identity(mcfg, tokenizer, meta),
+                      evaluators if len(evaluators) else None, caption_dropout=drop,
                       null_text=null_text)
 
 
@@ -132,45 +133,3 @@ def model_task(mcfg: transformer.TransformerConfig, ident: dict,
         tokens_per_example=mcfg.seq_len,
         resblocks=resblock_layout(mcfg),
     )
-
-
-def _eval_batch(params, batch, *, model, weight):
-    logits_text, logits_image = model.apply({"params": params}, batch["text_tokens"],
-                                            batch["image_tokens"], deterministic=True)
-    _, metrics = transformer.loss_fn(logits_text, logits_image, batch["text_tokens"],
-                                     batch["image_tokens"], text_weight=weight)
-    return metrics
-
-
-class ValEvaluator:
-    """Validation loss and accuracies over the first ``evals.val.num_batches`` batches."""
-
-    def __init__(self, cfg, tokenizer, model: transformer.Transformer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.num_batches = int(cfg.evals.val.num_batches)
-        self.mesh = sharding.make_mesh(cfg.mesh)
-        self.rules = sharding.get_rules(cfg.sharding_rules)
-        self._eval = jax.jit(functools.partial(
-            _eval_batch, model=model, weight=float(model.config.loss_text_weight)))
-
-    def __call__(self, params: Any, step: int) -> dict:
-        del step
-        it = text_pipeline.make_input(self.cfg.data, self.cfg.text, self.tokenizer,
-                                      self.cfg.data.eval_split, train=False)
-        totals: dict[str, float] = {}
-        n = 0
-        try:
-            for i, host in enumerate(it):
-                if i >= self.num_batches:
-                    break
-                spec = sharding.batch_spec(self.mesh, self.rules, 2)
-                sh = jax.sharding.NamedSharding(self.mesh, spec)
-                batch = {k: jax.make_array_from_process_local_data(sh, np.asarray(host[k]))
-                         for k in ("text_tokens", "image_tokens")}
-                for k, v in jax.device_get(self._eval(params, batch)).items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-                n += 1
-        finally:
-            it.close()
-        return {k: v / n for k, v in totals.items()} if n else {}
