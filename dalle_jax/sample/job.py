@@ -261,6 +261,14 @@ def run(cfg, workdir: str) -> None:
                                 caption_lines=2)
             report["caption_match"][split] = summary
             logging.info("caption match on %s: %s", split, json.dumps(summary, default=str))
+    from dalle_jax import metrics as metrics_lib
+
+    # The same grids in TensorBoard (when installed), at the transformer's training step.
+    grids = {"samples/grid": report["grid"]}
+    grids.update({f"samples/caption_match/{split}": summary["grid"]
+                  for split, summary in report.get("caption_match", {}).items()})
+    with metrics_lib.MetricWriter(out_dir) as writer:
+        writer.write_images(int(sampler.sources["transformer"].get("step") or 0), grids)
     _write_json(report_path, report)
     brief = {k: v for k, v in report.items() if k not in ("prompts", "settings", "sources")}
     if evaluation:
