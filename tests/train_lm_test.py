@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from dalle_jax import configlib, exports, jobs, treeutil
+from dalle_jax import configlib, exports, jobs, treeutil, visualize
 from dalle_jax import metrics as metrics_lib
 from dalle_jax.data import text_pipeline, tokens
-from dalle_jax.tokenizers import bpe, dvae
+from dalle_jax.tokenizers import bpe, dvae, image_tokenizer
 from dalle_jax.train import lm_task, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +225,23 @@ def dvae_export(tmp_path_factory):
     return out
 
 
+def _report(out_dir):
+    with open(os.path.join(str(out_dir), "report.json")) as f:
+        return json.load(f)
+
+
+def _sample_pngs(report):
+    """The kept images of every prompt, read back from their PNGs: (prompts, keep, H, W, 3)
+    uint8 (each PNG holds one image inside a 2-pixel border)."""
+    from PIL import Image
+
+    out = []
+    for prompt in report["prompts"]:
+        out.append([np.asarray(Image.open(e["file"]).convert("RGB"))[2:-2, 2:-2]
+                    for e in prompt["images"]])
+    return np.asarray(out)
+
+
 def test_sample_job_writes_grid_tokens_and_report(token_dir, tokenizer, dvae_export, tmp_path):
     cfg = _cfg(token_dir, tokenizer)
     workdir = str(tmp_path / "run")
@@ -256,13 +273,23 @@ def test_sample_job_writes_grid_tokens_and_report(token_dir, tokenizer, dvae_exp
     cfg.sample.out_dir = str(tmp_path / "again")
     jobs.sample(cfg, workdir)
     np.testing.assert_array_equal(np.load(str(tmp_path / "again" / "tokens.npz"))["tokens"], toks)
+    images = _sample_pngs(report)
+    np.testing.assert_array_equal(_sample_pngs(_report(tmp_path / "again")), images)
+    # Each PNG is the dVAE's decoding of its saved tokens (pixels to within rounding).
+    config, dvae_params = exports.load_dvae(dvae_export)
+    decoded = image_tokenizer.ImageTokenizer(config, dvae_params).decode(
+        toks.reshape(-1, GRID, GRID))
+    want = visualize.to_uint8(np.asarray(decoded)).reshape(images.shape)
+    assert np.abs(want.astype(int) - images).max() <= 1
     cfg.sample.update(seed=1, out_dir="")
     with pytest.raises(FileExistsError, match="seed: saved has 0, now has 1"):
         jobs.sample(cfg, workdir)
     assert os.path.getmtime(os.path.join(out, "report.json")) == mtime
     cfg.sample.out_dir = str(tmp_path / "seed1")
     jobs.sample(cfg, workdir)
-    assert not np.array_equal(np.load(str(tmp_path / "seed1" / "tokens.npz"))["tokens"], toks)
+    other = np.load(str(tmp_path / "seed1" / "tokens.npz"))["tokens"]
+    assert (other != toks).mean() > 0.25  # another draw, not a shifted copy of this one
+    assert not np.array_equal(_sample_pngs(_report(tmp_path / "seed1")), images)
 
     # A dVAE other than the one the tokens came from is refused, naming the field.
     other = dvae.DVAEConfig(**{**DVAE.to_dict(), "n_hid": 16})
