@@ -5,87 +5,17 @@ on, a dead process that stops the others, and a config that must agree everywher
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-
-from dalle_jax import metrics as metrics_lib
+from conftest import launch, losses, run, train_rows, wait, wait_for_training
 from train_lm_test import dvae_export, token_dir, tokenizer  # noqa: F401  (module fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Losses of a 2 x 4-device run against a 1 x 8-device run of the same mesh: the programs
 # are the same; only the cross-process all-reduce (gloo) may sum in another order.
 RTOL = 1e-5
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(args, workdir, *, processes=1, devices=8, heartbeat_s=None, env=None,
-           extra_args=None):
-    """Starts ``processes`` copies of ``python -m dalle_jax.main ARGS`` with ``devices``
-    fake CPU devices each; returns the Popen objects (output in workdir/log.<i>.txt).
-    ``extra_args``: process index -> more flags for that process only."""
-    base = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    base.update(env or {})
-    os.makedirs(workdir, exist_ok=True)
-    port = _port()
-    procs = []
-    for i in range(processes):
-        cmd = [sys.executable, "-u", "-m", "dalle_jax.main", *args, f"--workdir={workdir}"]
-        if processes > 1:
-            cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-                    f"--process_id={i}"]
-        if heartbeat_s:
-            cmd.append(f"--heartbeat_timeout_s={heartbeat_s}")
-        cmd += (extra_args or {}).get(i, [])
-        log = open(os.path.join(workdir, f"log.{i}.txt"), "a")
-        procs.append(subprocess.Popen(cmd, env=base, stdout=log, stderr=subprocess.STDOUT,
-                                      cwd=ROOT))
-        procs[-1].log_path = log.name
-    return procs
-
-
-def wait(procs, timeout=300):
-    """Return codes and outputs of ``procs``, waiting at most ``timeout`` seconds in all."""
-    deadline = time.time() + timeout
-    out = []
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        with open(p.log_path) as f:
-            out.append((p.returncode, f.read()))
-    return out
-
-
-def run(args, workdir, **kw):
-    results = wait(launch(args, workdir, **kw))
-    for rc, text in results:
-        assert rc == 0, text[-4000:]
-    return results
-
-
-def losses(workdir):
-    rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    return {s: r["train/loss"] for s, r in sorted(rows.items()) if "train/loss" in r}
-
-
-def train_rows(workdir) -> int:
-    """Lines of metrics.jsonl that log a training window (a resumed run adds, never repeats)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return sum('"train/loss"' in line for line in f)
 
 
 def lm_args(tokens, bpe, steps=6, total=None, extra=()):
@@ -114,8 +44,9 @@ def test_two_processes_train_stage2_like_one(token_dir, tokenizer, tmp_path):  #
     # file and its own part of every checkpoint and export.
     assert os.path.exists(os.path.join(two, "exports", "step_0000006", "meta.json"))
     logs = [open(os.path.join(two, "logs", f"train.p{i}.log")).read() for i in range(2)]
-    assert "step 6:" in logs[0] and "step 6:" not in logs[1]
-    assert "step 6:" not in results[0][1]  # the console has the summary, not every step
+    assert "] step 6: " in logs[0] and "] step 6: " not in logs[1]  # the metrics line
+    # The console has the training summary, not every logged step.
+    assert "] step 6: " not in results[0][1] and "lm: step 6 of 6" in results[0][1]
     for tree in ("checkpoints/6/state", "exports/step_0000006/params"):
         for i in range(2):
             assert os.listdir(os.path.join(two, tree, f"ocdbt.process_{i}")), (tree, i)
@@ -188,20 +119,6 @@ def test_checkpoints_move_between_process_counts_and_meshes(token_dir, tokenizer
               f"{max(abs(got[s] / reference[s] - 1) for s in range(1, 7)):.1e}")
 
 
-def _wait_for_training(workdir, procs, min_rows=3, timeout=240):
-    """Blocks until process 0 has logged ``min_rows`` training windows."""
-    deadline = time.time() + timeout
-    path = os.path.join(workdir, "metrics.jsonl")
-    while time.time() < deadline:
-        if os.path.exists(path) and train_rows(workdir) >= min_rows:
-            return
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.2)
-    raise AssertionError("training did not start: " + "".join(
-        open(p.log_path).read()[-2000:] for p in procs))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signalled", [1, 0])
 def test_sigterm_to_any_process_saves_everywhere_and_resumes(token_dir, tokenizer,  # noqa: F811
@@ -213,7 +130,7 @@ def test_sigterm_to_any_process_saves_everywhere_and_resumes(token_dir, tokenize
 
     work = str(tmp_path / "preempted")
     procs = launch(args, work, processes=2, devices=4)
-    _wait_for_training(work, procs)
+    wait_for_training(work, procs)
     procs[signalled].send_signal(signal.SIGTERM)
     results = wait(procs, timeout=120)
     for rc, text in results:
@@ -237,7 +154,7 @@ def test_a_process_that_dies_stops_the_others(token_dir, tokenizer, tmp_path):  
     work = str(tmp_path / "killed")
     procs = launch(lm_args(token_dir, tokenizer, steps=100000), work, processes=2, devices=4,
                    heartbeat_s=5)
-    _wait_for_training(work, procs)
+    wait_for_training(work, procs)
     t0 = time.time()
     procs[1].kill()  # SIGKILL: no notice, no checkpoint
     (rc, text), _ = wait(procs, timeout=90)
