@@ -154,7 +154,7 @@ def _as_hwc_uint8(image: Any) -> np.ndarray:
     return a
 
 
-def headline(row: Mapping[str, Any], limit: int = 6) -> str:
+def headline(row: Mapping[str, Any], limit: int = 4) -> str:
     """A short ``name=value`` list of a metrics row for the console: the training loss,
     then evaluation results (not their timing), at most ``limit`` of them."""
     keys = [k for k in ("train/loss",) if k in row]
