@@ -22,7 +22,7 @@ $(VENV)/.stamp-test: $(VENV)/.stamp
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[test]" 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install $(PIP_QUIET) --no-deps -c constraints.txt "dall-e==0.1" 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install $(PIP_QUIET) --no-deps -c constraints.txt "torch-fidelity==0.4.0" 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import pytest, xdist, torch, dall_e, transformers, nbclient, ipykernel"
+	$(PY) -c "import pytest, xdist, torch, dall_e, transformers, nbclient, ipykernel, tensorboardX"
 	$(PY) -c "import importlib.util as u; assert u.find_spec('torch_fidelity'), 'torch-fidelity missing'"
 	$(VENV)/bin/shellcheck --version > /dev/null
 	touch $@
