@@ -113,7 +113,7 @@ def run(cfg, workdir: str) -> None:
     """The ``sample`` job (see the module doc)."""
     import jax
 
-    from dalle_jax import checkpoint, visualize
+    from dalle_jax import checkpoint, exports, visualize
     from dalle_jax.data.tokens import read_meta
     from dalle_jax.jobs import _load_sampler, _sample_sources, _write_json, latest_export
     from dalle_jax.rerank import best_of as best_of_lib
@@ -134,7 +134,7 @@ def run(cfg, workdir: str) -> None:
         temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
         guidance=float(s.get("guidance", 1.0)))
     rerank_path = str(s.get("rerank", ""))
-    if rerank_path and not os.path.exists(os.path.join(rerank_path, "meta.json")):
+    if rerank_path and not exports.is_export(rerank_path):
         # A scorer run's workdir: its newest export.
         rerank_path = latest_export(rerank_path) or rerank_path
     export, dvae_dir = _sample_sources(cfg, workdir)
