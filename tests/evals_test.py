@@ -15,6 +15,7 @@ from dalle_jax.data import shapes, tokens
 from dalle_jax.evals import fid, registry
 from dalle_jax.train import loop
 
+from inception_test import tfi, torch_release  # noqa: F401  (fixtures)
 from train_lm_test import _cfg, dvae_export, token_dir, tokenizer  # noqa: F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,6 +230,38 @@ def test_evaluate_job_without_inception_weights_runs_the_rest(trained, tmp_path,
     assert "DALLE_JAX_INCEPTION_WEIGHTS" in record["skipped"]["fid"]
     assert "loss" in record["metrics"]
     assert not any(k.startswith("caption_match") for k in record["metrics"])  # not in `only`
+
+
+@pytest.mark.slow  # Inception-v3 at 299 pixels on CPU: minutes
+def test_shapes_fid_with_inception_weights(trained, torch_release, tmp_path):  # noqa: F811
+    from dalle_jax.evals import inception as inc
+
+    cfg, workdir, scorer = trained
+    _, weights = torch_release  # torch-fidelity's Inception with random weights, as a .pth
+    ecfg = _evaluate_cfg(cfg, workdir, scorer, features="auto", inception_weights=weights)
+    ecfg.evaluate.only = "fid"
+    out = str(tmp_path / "eval")
+    jobs.JOBS["evaluate"](ecfg, out)
+    with open(os.path.join(out, "evaluate", "step_0000002", "results.json")) as f:
+        m = json.load(f)["metrics"]
+    assert set(m) == {"shapes_fid/validation/inception",
+                      "shapes_fid/validation/dvae_reconstruction/inception"}
+    # The same Fréchet distance from the 2048-d pool features of the two image sets.
+    apply_fn, variables = inc.load_inception(weights)
+    src = tokens.TokenSource(cfg.data.tokens_dir, "validation")
+    from dalle_jax.sample import sampler as sampler_lib
+
+    samp = sampler_lib.Sampler.load(
+        os.path.join(workdir, "exports", "step_0000002"), cfg.text.bpe_model,
+        cfg.sample.dvae_params)
+    recon = samp.images(np.stack([src[i]["image_tokens"] for i in range(8)]).reshape(8, 2, 2))
+    real = np.stack([shapes.example("validation", i, 16)["image"] for i in range(8)])
+    f_real, f_recon = (inc.extract_features(apply_fn, variables, x, 4)["pool"]
+                       for x in (real, recon))
+    assert f_real.shape == (8, 2048)
+    want = fid.fid_from_features(np.asarray(f_real, np.float64), np.asarray(f_recon, np.float64))
+    assert m["shapes_fid/validation/dvae_reconstruction/inception"] == pytest.approx(want,
+                                                                                    rel=1e-5)
 
 
 def test_evaluate_job_refuses_what_it_cannot_evaluate(trained, tmp_path):
