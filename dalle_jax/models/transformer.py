@@ -323,7 +323,7 @@ def embed_text(text_embed: jax.Array, text_pos: jax.Array, text_BT: jax.Array,
                start: int | jax.Array = 0) -> jax.Array:
     """Float32 embeddings of text slots ``start .. start+T'-1``: token plus slot position."""
     pos_TD = jax.lax.dynamic_slice_in_dim(text_pos, start, text_BT.shape[1], axis=0)
-    return jnp.take(text_embed, text_BT, axis=0) + pos_TD
+    return jnp.take(text_embed, text_BT, axis=0) + pos_TD[None]
 
 
 def image_positions(row_embed: jax.Array, col_embed: jax.Array) -> jax.Array:
@@ -342,7 +342,7 @@ def embed_image(image_embed: jax.Array, row_embed: jax.Array, col_embed: jax.Arr
     (``BOI`` or the previous cell's token)."""
     pos_ID = jax.lax.dynamic_slice_in_dim(image_positions(row_embed, col_embed), start,
                                           image_in_BI.shape[1], axis=0)
-    return jnp.take(image_embed, image_in_BI, axis=0) + pos_ID
+    return jnp.take(image_embed, image_in_BI, axis=0) + pos_ID[None]
 
 
 # ----------------------------------------------------------------------------- layer functions
@@ -357,7 +357,9 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
+    lead = tuple(range(x.ndim - scale.ndim))  # explicit: no implicit rank promotion
+    return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * jnp.expand_dims(scale, lead) \
+        + jnp.expand_dims(bias, lead)
 
 
 def gelu_sigmoid(x: jax.Array) -> jax.Array:
@@ -373,7 +375,7 @@ def _dense(x_BLI: jax.Array, w_IO: jax.Array, b_O: jax.Array) -> jax.Array:
     einsum contracting over both batch and length runs markedly slower on CPU).
     """
     lead = x_BLI.shape[:-1]
-    y = x_BLI.reshape(-1, x_BLI.shape[-1]) @ w_IO + b_O
+    y = x_BLI.reshape(-1, x_BLI.shape[-1]) @ w_IO + jnp.reshape(b_O, (1, -1))
     return y.reshape(lead + (w_IO.shape[-1],))
 
 

@@ -216,7 +216,7 @@ class Conv(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=self.precision,
         )
-        return y + self.bias.astype(self.dtype)
+        return y + self.bias.astype(self.dtype).reshape(1, 1, 1, -1)
 
     def lookup(self, ids_BHW: jax.Array) -> jax.Array:
         """A 1x1 conv applied to ``one_hot(ids)``, computed as a row gather (paper §2.2 decoding).
@@ -227,7 +227,8 @@ class Conv(nn.Module):
         if self.kernel_size != 1:
             raise ValueError("lookup needs a 1x1 convolution")
         table = self.kernel[0, 0]  # (in, out)
-        return jnp.take(table, ids_BHW, axis=0, mode="clip") + self.bias
+        return (jnp.take(table, ids_BHW, axis=0, mode="clip")
+                + jnp.expand_dims(self.bias, tuple(range(ids_BHW.ndim))))
 
 
 class ResPath(nn.Module):
