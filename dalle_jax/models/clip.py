@@ -201,13 +201,15 @@ class LayerNorm(nn.Module):
         x = x.astype(jnp.float32)
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
+        lead = tuple(range(x.ndim - 1))  # explicit: no implicit rank promotion
+        return ((x - mean) * jax.lax.rsqrt(var + LN_EPS) * jnp.expand_dims(scale, lead)
+                + jnp.expand_dims(bias, lead))
 
 
 def _dense(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Any) -> jax.Array:
     """``x @ w + b`` with the matmul in ``dtype`` and a float32 result."""
     y = jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-    return y if b is None else y + b
+    return y if b is None else y + jnp.expand_dims(b, tuple(range(y.ndim - b.ndim)))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -251,7 +253,7 @@ class ResidualAttentionBlock(nn.Module):
         h_BLD = LayerNorm(name="ln_1")(x_BLD)
         qkv_BL3D = jnp.einsum("bld,dte->blte", h_BLD.astype(self.dtype),
                               attn["qkv_kernel"].astype(self.dtype),
-                              preferred_element_type=jnp.float32) + attn["qkv_bias"]
+                              preferred_element_type=jnp.float32) + attn["qkv_bias"][None, None]
         qkv_BL3HK = qkv_BL3D.reshape(b, length, 3, h, k)
         q_BLHK = qkv_BL3HK[:, :, 0] * (k ** -0.5)
         k_BLHK, v_BLHK = qkv_BL3HK[:, :, 1], qkv_BL3HK[:, :, 2]
@@ -259,7 +261,8 @@ class ResidualAttentionBlock(nn.Module):
                                  k_BLHK.astype(self.dtype),
                                  preferred_element_type=jnp.float32)
         if mask_LL is not None:
-            logits_BHLL = jnp.where(mask_LL, logits_BHLL, jnp.finfo(jnp.float32).min)
+            logits_BHLL = jnp.where(mask_LL[None, None], logits_BHLL,
+                                    jnp.finfo(jnp.float32).min)
         probs_BHLL = jax.nn.softmax(logits_BHLL, axis=-1)
         out_BLHK = jnp.einsum("bhqs,bshk->bqhk", probs_BHLL.astype(self.dtype),
                               v_BLHK.astype(self.dtype), preferred_element_type=jnp.float32)
@@ -301,7 +304,7 @@ class VisionTower(nn.Module):
             padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
             preferred_element_type=jnp.float32)
         x_BPD = x_BGGD.reshape(b, c.num_patches, d)
-        x_BND = jnp.concatenate([jnp.broadcast_to(cls_D, (b, 1, d)), x_BPD], axis=1) + pos_ND
+        x_BND = jnp.concatenate([jnp.broadcast_to(cls_D, (b, 1, d)), x_BPD], axis=1) + pos_ND[None]
         x_BND = LayerNorm(name="ln_pre")(x_BND)
         for i in range(c.vision_layers):
             x_BND = ResidualAttentionBlock(d, c.vision_heads, c.vision_layers, c.activation,
@@ -332,7 +335,7 @@ class TextTower(nn.Module):
         proj_DE = weight("text_projection", (d, c.embed_dim))
 
         length = tokens_BT.shape[1]
-        x_BTD = jnp.take(table_VD, tokens_BT.astype(jnp.int32), axis=0) + pos_TD[:length]
+        x_BTD = jnp.take(table_VD, tokens_BT.astype(jnp.int32), axis=0) + pos_TD[None, :length]
         # Slot t attends to slots <= t, so the feature at the end-of-text slot never sees
         # the padding after it.
         causal_TT = jnp.tril(jnp.ones((length, length), jnp.bool_))

@@ -269,7 +269,7 @@ def sample_tokens(params: PyTree, text_BT: jax.Array, sample_ids_B: jax.Array, k
         if guided:
             in_B = jnp.repeat(in_B, 2)
         x_B1D = (jnp.take(params["image_embed"], in_B, axis=0)
-                 + jax.lax.dynamic_index_in_dim(pos_ID, k, axis=0, keepdims=False))[:, None]
+                 + jax.lax.dynamic_index_in_dim(pos_ID, k, axis=0, keepdims=True))[:, None]
         h_B1D, cache = forward_cached(params, config, x_B1D, t + k, cache)
         logits_BC = image_logits(params, config, h_B1D)[:, 0]
         if guided:
