@@ -49,6 +49,27 @@ def is_export(path: str | os.PathLike) -> bool:
     return os.path.exists(os.path.join(os.path.abspath(os.fspath(path)), META_FILE))
 
 
+def latest_export(run_dir: str | os.PathLike) -> str | None:
+    """The newest ``run_dir/exports/step_N`` directory, or None."""
+    d = os.path.join(os.fspath(run_dir), "exports")
+    steps = sorted(int(n[5:]) for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()) \
+        if os.path.isdir(d) else []
+    return os.path.join(d, f"step_{steps[-1]:07d}") if steps else None
+
+
+def resolve_export(path: str | os.PathLike, what: str) -> str:
+    """``path`` itself when it is an export, else the newest export of the run directory
+    ``path``; FileNotFoundError naming ``what`` (e.g. "the scorer") when it is neither."""
+    path = os.fspath(path)
+    if is_export(path):
+        return os.path.abspath(path)
+    latest = latest_export(path)
+    if latest is None:
+        raise FileNotFoundError(f"{what} {path!r} is neither an export (a directory with "
+                                f"{META_FILE}) nor a run directory with exports/step_N")
+    return os.path.abspath(latest)
+
+
 def write(path: str | os.PathLike, params: Any, meta: dict, *, dtype: str | None = None) -> str:
     """Writes ``params`` and ``meta`` (plus ``export_dtype``) as an export at ``path``.
 

@@ -82,11 +82,10 @@ def preview(cfg, workdir: str) -> None:
 
 
 def latest_export(workdir: str) -> str | None:
-    """The newest ``workdir/exports/step_N`` directory, or None."""
-    d = os.path.join(workdir, "exports")
-    steps = sorted(int(n[5:]) for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()) \
-        if os.path.isdir(d) else []
-    return os.path.join(d, f"step_{steps[-1]:07d}") if steps else None
+    """The newest ``workdir/exports/step_N`` directory, or None (`exports.latest_export`)."""
+    from dalle_jax import exports
+
+    return exports.latest_export(workdir)
 
 
 def _train_then_export(cfg, workdir: str, what: str, run_training: Callable,

@@ -54,6 +54,20 @@ def note(msg: str, *args) -> None:
     absl_logging.info(msg, *args, extra={CONSOLE: True})
 
 
+def progress(total: int | None = None, desc: str | None = None, *, unit: str = "img",
+             initial: int = 0, enabled: bool = True, leave: bool = False, iterable=None,
+             mininterval: float = 0.5):
+    """The progress bar of every long-running job: a tqdm bar with ETA on process 0, and a
+    disabled one (the same methods, drawing nothing) on the other processes or when
+    ``enabled`` is False. Wraps ``iterable`` when given."""
+    import jax
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,
+                dynamic_ncols=True, mininterval=mininterval,
+                disable=not enabled or jax.process_index() != 0)
+
+
 def log_path(workdir: str, job: str, process_index: int = 0, process_count: int = 1) -> str:
     """``WORKDIR/logs/<job>.log``, or ``<job>.p<i>.log`` when there are several processes."""
     name = f"{job}.p{process_index}.log" if process_count > 1 else f"{job}.log"

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from dalle_jax import exports
 from dalle_jax.evals import registry, shapes_match
 
 SUMMARY_KEYS = ("count", "matched", "fraction")
@@ -152,22 +153,6 @@ def run_splits(sampler, tokens_dir: str, splits: Sequence[str], *, captions: int
     return out
 
 
-def resolve_export(path: str, what: str) -> str:
-    """``path`` if it is an export directory, else the newest export of the run
-    directory ``path``; raises FileNotFoundError naming ``what`` otherwise."""
-    import os
-
-    if os.path.exists(os.path.join(path, "meta.json")):
-        return path
-    d = os.path.join(path, "exports")
-    steps = sorted(int(n[5:]) for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()) \
-        if os.path.isdir(d) else []
-    if not steps:
-        raise FileNotFoundError(f"{what} {path!r} is neither an export (no meta.json) nor a run "
-                                "directory with exports/step_N")
-    return os.path.join(d, f"step_{steps[-1]:07d}")
-
-
 def dvae_export_for(cfg) -> str:
     """The dVAE export that decodes a stage-2 run's image tokens: ``sample.dvae_params``, or
     the newest export of the dVAE run whose ``tokens`` directory the model read."""
@@ -175,8 +160,8 @@ def dvae_export_for(cfg) -> str:
 
     explicit = str(cfg.sample.get("dvae_params", "")) if "sample" in cfg else ""
     if explicit:
-        return resolve_export(explicit, "the dVAE")
-    return resolve_export(os.path.dirname(os.path.abspath(str(cfg.data.tokens_dir))),
+        return exports.resolve_export(explicit, "the dVAE")
+    return exports.resolve_export(os.path.dirname(os.path.abspath(str(cfg.data.tokens_dir))),
                           "the dVAE next to the token directory")
 
 
@@ -275,7 +260,7 @@ class CaptionMatchEvaluator(registry.Evaluator):
             from dalle_jax.rerank import scorer as scorer_lib
 
             self._scorer = scorer_lib.load_scorer(
-                resolve_export(self.scorer_path, "the scorer"), batch_size=self.batch_size)
+                exports.resolve_export(self.scorer_path, "the scorer"), batch_size=self.batch_size)
         return self._scorer
 
     def run(self, params: Any, progress_bar: Callable | None = None) -> dict[str, tuple]:
@@ -300,7 +285,7 @@ class CaptionMatchEvaluator(registry.Evaluator):
         from dalle_jax import metrics as metrics_lib
         from dalle_jax import visualize
 
-        out = self.run(params)
+        out = self.run(params, self.ctx.progress_bar)
         metrics = {}
         report = {}
         for split, (summary, images, caps) in out.items():

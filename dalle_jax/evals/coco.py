@@ -516,12 +516,9 @@ def _read_json(path: str) -> Any:
 
 
 def _bar(it: Iterable, total: int, desc: str, enabled: bool = True):
-    import jax
-    from tqdm import tqdm
+    from dalle_jax import logs
 
-    if not enabled or jax.process_index() != 0:
-        return it
-    return tqdm(it, total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+    return logs.progress(total, desc, iterable=it, enabled=enabled)
 
 
 def _is_main() -> bool:
@@ -560,18 +557,11 @@ def _load_inception(path: str, resize: str) -> tuple[Any, Any, str]:
 def _resolve_export(path: str, what: str, field: str) -> str:
     """An export directory (has meta.json), or the newest ``exports/step_N`` of a run
     directory."""
-    from dalle_jax.jobs import latest_export
+    from dalle_jax import exports
 
     if not path:
         raise ValueError(f"eval_coco needs the {what}: set --config.sample.{field}")
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return os.path.abspath(path)
-    latest = latest_export(path) if os.path.isdir(path) else None
-    if latest:
-        return os.path.abspath(latest)
-    raise FileNotFoundError(f"sample.{field}={path!r} is neither an export of the {what} "
-                            "(a directory with meta.json) nor a run directory with "
-                            "exports/step_N")
+    return exports.resolve_export(path, f"sample.{field} (the {what})")
 
 
 # ----------------------------------------------------------------------------- the job
@@ -778,12 +768,10 @@ class _Evaluation:
         todo = [s for s in range(len(self.ranges)) if not os.path.exists(self.gen_path(s))]
         if not todo:
             return
-        import jax
-        from tqdm import tqdm
+        from dalle_jax import logs
 
         total = sum(self.ranges[s][1] - self.ranges[s][0] for s in todo) * self.sizes[-1]
-        bar = tqdm(total=total, desc="sampling", unit="img", dynamic_ncols=True, leave=False,
-                   disable=jax.process_index() != 0)
+        bar = logs.progress(total, "sampling")
         t0 = time.time()
         try:
             for s in todo:

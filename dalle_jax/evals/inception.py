@@ -253,7 +253,7 @@ class _Logits(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (POOL_DIM, NUM_CLASSES))
         bias = self.param("bias", nn.initializers.zeros, (NUM_CLASSES,))
         unbiased = jnp.dot(x, kernel, precision=self.precision)
-        return unbiased, unbiased + bias
+        return unbiased, unbiased + jnp.expand_dims(bias, tuple(range(unbiased.ndim - 1)))
 
 
 class InceptionV3FID(nn.Module):
@@ -671,12 +671,10 @@ def _jit(fn, shardings=None):
 
 
 def _progress(total: int | None, desc: str):
-    from tqdm import tqdm
+    from dalle_jax import logs
 
-    disable = jax.process_index() != 0 or not (hasattr(sys.stderr, "isatty")
-                                                 and sys.stderr.isatty())
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False,
-                disable=disable)
+    return logs.progress(total, desc, enabled=hasattr(sys.stderr, "isatty")
+                         and sys.stderr.isatty())
 
 
 def _process_row_ranges(sharding, global_rows: int, nproc: int) -> list[tuple[int, int]]:

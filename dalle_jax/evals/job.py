@@ -32,12 +32,6 @@ def _run_dir(export: str) -> str:
     return os.path.dirname(parent) if os.path.basename(parent) == "exports" else parent
 
 
-def _read_meta(export: str) -> dict:
-    path = os.path.join(export, "meta.json")
-    with open(path) as f:
-        return json.load(f)
-
-
 def _kind(meta: dict) -> str:
     return str(meta.get("identity", {}).get("kind") or meta.get("task") or "")
 
@@ -96,16 +90,17 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     """Runs the job (see the module doc); returns the results record."""
     import jax
 
-    from dalle_jax import checkpoint
+    from dalle_jax import checkpoint, exports
     from dalle_jax import metrics as metrics_lib
 
     e = cfg.evaluate
-    export = caption_match.resolve_export(str(e.params) or workdir, "the model to evaluate")
-    meta = _read_meta(export)
+    export = exports.resolve_export(str(e.params) or workdir, "the model to evaluate")
+    meta = exports.read_meta(export)
     step = int(meta.get("step", 0) or 0)
     out_dir = str(e.out_dir) or os.path.join(workdir, "evaluate", f"step_{step:07d}")
     registry.check_sections(cfg)
     ctx, params = _context(cfg, export, meta, out_dir)
+    ctx.progress = True
     suite = registry.build(cfg, ctx, only=str(e.only))
     if not len(suite):
         raise ValueError(f"the config has no enabled evals section for a {ctx.subject} "

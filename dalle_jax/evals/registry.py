@@ -61,6 +61,8 @@ class EvalContext:
             the ``sample`` job pass theirs; evaluators that sample build one otherwise).
         cache: shared between the evaluators of one call (e.g. generated images that
             several of them score); cleared at every step.
+        progress: whether evaluators that take long show progress bars (the ``evaluate``
+            job; not in training, where the loop's bar is on screen).
     """
 
     cfg: Any
@@ -71,6 +73,14 @@ class EvalContext:
     image_tokenizer: Any = None
     sampler: Any = None
     cache: dict = dataclasses.field(default_factory=dict)
+    progress: bool = False
+
+    def progress_bar(self, total: int, desc: str):
+        """``(update, close)`` of a progress bar when ``progress`` is set, else no-ops."""
+        from dalle_jax import logs
+
+        bar = logs.progress(total, desc, enabled=self.progress)
+        return bar.update, bar.close
 
     def __post_init__(self):
         if self.subject not in SUBJECTS:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from dalle_jax import exports
 from dalle_jax.evals import caption_match, fid, registry
 
 FEATURES = ("auto", "inception", "scorer")
@@ -112,7 +113,7 @@ class ShapesFidEvaluator(registry.Evaluator):
         from dalle_jax.rerank import scorer as scorer_lib
 
         scorer = scorer_lib.load_scorer(
-            caption_match.resolve_export(self.scorer_path, "the scorer"),
+            exports.resolve_export(self.scorer_path, "the scorer"),
             batch_size=self.batch_size)
         self._extractor = ("scorer_features", scorer.embed_images)
         return self._extractor
@@ -131,8 +132,12 @@ class ShapesFidEvaluator(registry.Evaluator):
                 and len(cached[0]) >= len(captions):
             return cached[0][:len(captions)]
         sampler = caption_match.sampler_for(self.ctx, params, self.sampling)
-        toks = sampler.tokens(captions, num_candidates=1, seed=self.seed,
-                              batch_size=self.batch_size)
+        update, close = self.ctx.progress_bar(len(captions), f"FID samples ({self.split})")
+        try:
+            toks = sampler.tokens(captions, num_candidates=1, seed=self.seed,
+                                  batch_size=self.batch_size, progress=update)
+        finally:
+            close()
         return sampler.images(toks, batch_size=self.batch_size)[:, 0]
 
     def reconstructions(self, params: Any) -> np.ndarray:

@@ -91,13 +91,10 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def _progress_bar(total: int, desc: str):
-    """A tqdm bar with ETA on process 0 (a no-op elsewhere); returns ``(update, close)``."""
-    import jax
-    from tqdm import tqdm
+    """`logs.progress` as ``(update, close)``."""
+    from dalle_jax import logs
 
-    if jax.process_index() != 0:
-        return (lambda n: None), (lambda: None)
-    bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+    bar = logs.progress(total, desc)
     return bar.update, bar.close
 
 

@@ -109,10 +109,9 @@ def encode_dataset(
         n_todo = sum(min(len(source), (s + 1) * shard_size) - s * shard_size for s in todo)
         bar = None
         if progress and jax.process_index() == 0 and n_todo:
-            from tqdm import tqdm
+            from dalle_jax import logs
 
-            bar = tqdm(total=n_todo, desc=f"encode {split}", unit="img", dynamic_ncols=True,
-                       mininterval=2.0)
+            bar = logs.progress(n_todo, f"encode {split}", leave=True, mininterval=2.0)
         for s in todo:
             lo, hi = s * shard_size, min(len(source), (s + 1) * shard_size)
             path = tokens.shard_path(out_dir, split, s, n_shards)

@@ -457,7 +457,5 @@ def _load_init_params(path: str, abstract_params, identity):
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled or jax.process_index() != 0:
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+    return logs.progress(total, unit="step", initial=initial, leave=True, mininterval=1.0)
 
