@@ -103,7 +103,8 @@ def test_loss_masks_same_meaning_and_counts_hard_negatives():
     assert float(loss) < float(loss_nomask) + 1e-6
     # A hard negative equal to the image's own caption direction is a miss.
     neg = pos[:, None, :] * 1.0
-    _, m = clip_task.contrastive_loss(img, pos, neg + 0.1 * e[3], jnp.log(10.0), meaning)
+    _, m = clip_task.contrastive_loss(img, pos, neg + 0.1 * e[3][None, None], jnp.log(10.0),
+                                      meaning)
     assert float(m["hard_negative_accuracy"]) == 0.0
     # The logit scale is capped at 100.
     _, m = clip_task.contrastive_loss(img, pos, neg, jnp.log(1e4), meaning)
