@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices for every test, absl flags marked parsed, shared fixtures.
+"""Test set-up: 8 fake CPU devices for every test, implicit rank promotion an error, absl
+flags marked parsed, shared fixtures and the helpers that run jobs as subprocesses.
 
 XLA_FLAGS must be set before JAX is first imported, so this runs at collection time.
 grain 0.2.18's multiprocess workers read an absl flag and fail unless flags are parsed.
@@ -16,12 +17,17 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Implicit rank promotion ((B, L, D) + (L, D)) is an error in every test and in the jobs the
+# tests start as subprocesses (they inherit the environment): broadcasting that lines up
+# the wrong axes cannot hide behind it, and library code broadcasts explicitly.
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+jax.config.update("jax_numpy_rank_promotion", os.environ["JAX_NUMPY_RANK_PROMOTION"])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -186,6 +186,14 @@ def test_jit_init_program_does_not_grow_with_depth():
                               nn.unbox(b)["params"]["text_embed"])
 
 
+def test_the_suite_runs_with_rank_promotion_raising():
+    """conftest makes implicit rank promotion an error, so a forward pass that adds a
+    (L, D) table to (B, L, D) activations without saying how fails here."""
+    assert jax.config.jax_numpy_rank_promotion == "raise"
+    with pytest.raises(ValueError, match="rank_promotion"):
+        jnp.zeros((2, 3, 4)) + jnp.zeros((3, 4))
+
+
 def test_paper_size_param_count():
     config = tr.TransformerConfig.paper_12b(scan_layers=True)
     abstract = tr.abstract_variables(config)
