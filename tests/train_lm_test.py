@@ -405,6 +405,11 @@ def test_sample_job_names_bad_input_and_overwrites_nothing(token_dir, tokenizer,
 def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, tokenizer, dvae_export,
                                                                   tmp_path):
     import shutil
+
+    from PIL import Image
+
+    from dalle_jax.evals import shapes_match
+
     shapes_dir = str(tmp_path / "shapes_tokens")
     shutil.copytree(token_dir, shapes_dir)
     meta_path = os.path.join(shapes_dir, tokens.META_FILE)
@@ -435,11 +440,23 @@ def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, token
     assert match["guided"]["scale"] == 2.0 and match["guided"]["count"] == 5
     assert len(report["prompts"][0]["images"]) == 2
     assert all(isinstance(e["matches_caption"], bool) for e in report["prompts"][0]["images"])
+    # Each kept image's verdict is the checker's on its PNG.
+    for e in report["prompts"][0]["images"]:
+        png = np.asarray(Image.open(e["file"]).convert("RGB"))[2:-2, 2:-2]
+        assert shapes_match.match(png, "a red circle").ok == e["matches_caption"]
     val = report["caption_match"]["validation"]["best_of_1"]
-    assert val["count"] == 5 and 0 <= val["matched"] <= 5
+    assert val["count"] == 5 and val["fraction"] == pytest.approx(val["matched"] / 5)
+    # The dVAE ceiling, recomputed: the first 5 validation examples' own tokens decoded by
+    # the dVAE and judged against their own captions.
+    source = tokens.TokenSource(shapes_dir, "validation")
+    examples = [source[i] for i in range(5)]
+    config, dvae_params = exports.load_dvae(dvae_export)
+    recon = image_tokenizer.ImageTokenizer(config, dvae_params).decode(
+        np.stack([np.asarray(ex["image_tokens"]) for ex in examples]).reshape(5, GRID, GRID))
+    recon = visualize.to_uint8(np.asarray(recon))
+    want = sum(shapes_match.match(im, str(ex["caption"])).ok for im, ex in zip(recon, examples))
     ref = report["caption_match"]["validation"]["dvae_reconstruction"]
-    assert ref["count"] == 5 and 0 <= ref["matched"] <= 5
-    assert ref["fraction"] == pytest.approx(ref["matched"] / 5)
+    assert ref == {"count": 5, "matched": want, "fraction": want / 5}
 
 
 def test_paper_config_runlocal_trains_scanned_rematerialised_with_halving(token_dir, tokenizer,
