@@ -304,3 +304,32 @@ def test_evaluate_job_on_a_dvae_export_repeats_the_training_evaluation(tmp_path)
     cfg.model.n_hid = 16
     with pytest.raises(ValueError, match="n_hid"):
         jobs.JOBS["evaluate"](cfg, str(tmp_path / "other"))
+
+
+def test_benchmark_table_has_a_column_per_seed_and_their_mean(tmp_path):
+    from dalle_jax.evals import benchmark
+
+    dvae = {"metrics": {"psnr": 27.0, "codebook_usage": 0.5}, "export": "d"}
+    s0 = {"metrics": {"loss_image": 1.0, "caption_match/validation/best_of_1": 0.25,
+                      "shapes_fid/validation/scorer_features": 0.5}, "export": "a",
+          "settings": {"evals": {"cm": {"type": "caption_match", "captions": 1000,
+                                        "temperature": 0.7, "rerank": 16, "guidance": 2.0}}}}
+    s1 = {"metrics": {"loss_image": 2.0, "caption_match/validation/best_of_1": 0.5,
+                      "shapes_fid/validation/scorer_features": 1.5}, "export": "b",
+          "skipped": {"fid2": "no weights"}}
+    paths = []
+    for name, r in (("dvae", dvae), ("s0", s0), ("s1", s1)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(r, f)
+    out = str(tmp_path / "table")
+    assert benchmark.main([out, paths[0], f"0={paths[1]}", f"7={paths[2]}"]) == 0
+    md = open(out + ".md").read()
+    assert md.splitlines()[0] == "| measurement | seed 0 | seed 7 | mean |"
+    assert "| 25.0% | 50.0% | **37.5%** |" in md
+    assert "| 1.00 | 2.00 | **1.50** |" in md  # the validation loss
+    assert "| 27.00 | 27.00 | **27.00** |" in md  # one dVAE under both seeds
+    assert "features of the scorer trained here, not Inception" in md
+    assert "first 1000 captions" in md and "evals.fid2 (no weights)" in md
+    rows = json.load(open(out + ".json"))["rows"]
+    assert [r["mean"] for r in rows if r["key"] == "loss_image"] == [1.5]

@@ -38,9 +38,11 @@ def _rows(dvae: dict[str, Any], seeds: Sequence[dict[str, Any]]) -> list[dict[st
             rows.append({"what": what, "unit": unit, "key": key, "higher_is_better": higher,
                          "values": [None if v is None else float(v) * scale for v in vals]})
 
-    if dvae:
-        add("dVAE reconstruction PSNR (validation)", "dB", "psnr", [dvae])
-        add("dVAE codebook usage (validation)", "%", "codebook_usage", [dvae], 100.0)
+    if dvae:  # one dVAE under every seed's transformer: the same value in each column
+        same = [dvae] * len(seeds)
+        add("dVAE reconstruction PSNR (validation; one dVAE for all seeds)", "dB", "psnr", same)
+        add("dVAE codebook usage (validation; one dVAE for all seeds)", "%", "codebook_usage",
+            same, 100.0)
     add("stage-2 validation loss (image tokens)", "nats", "loss_image", seeds, higher=False)
     add("stage-2 validation loss (text tokens)", "nats", "loss_text", seeds, higher=False)
     for split, split_name in SPLITS:
@@ -85,9 +87,9 @@ def table(dvae: dict[str, Any], seeds: Sequence[dict[str, Any]],
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         vals = r["values"]
-        cells = [_fmt(v, r["unit"]) for v in vals] + [""] * (len(seed_names) - len(vals))
+        cells = [_fmt(v, r["unit"]) for v in vals]
         if len(seeds) > 1:
-            r["mean"] = _mean(vals) if len(vals) == len(seeds) else vals[0]
+            r["mean"] = _mean(vals)
             cells.append(f"**{_fmt(r['mean'], r['unit'])}**")
         unit = f" ({r['unit']})" if r["unit"] not in ("", "%") else ""
         lines.append("| " + " | ".join([r["what"] + unit] + cells) + " |")
