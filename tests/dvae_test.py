@@ -91,19 +91,22 @@ def _np_objective(images_u8, logits, stats, beta, recon="logit_laplace", sigma=0
 def _logits_and_stats(params, images, rng, tau, *, hard=False):
     """The encoder's logits and the decoder's output for the objective's Gumbel draw
     (``jax.random.gumbel(rng, logits.shape)``), the relaxed sample taken in NumPy."""
-    model = dvae.DVAE(TINY)
     x = jnp.asarray((1 - 2 * EPS) * (np.asarray(images) / 255.0) + EPS, jnp.float32)
-    logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                                         method=dvae.DVAE.encode_logits))(
-        params, x), np.float64)
+    logits = np.asarray(_encode_logits(params, x), np.float64)
     g = np.asarray(jax.random.gumbel(rng, logits.shape, jnp.float32), np.float64)
     if hard:
         z = np.eye(logits.shape[-1])[np.argmax(logits + g, -1)]
     else:
         z = _np_softmax((logits + g) / tau)
-    stats = jax.jit(lambda p, z: model.apply({"params": p}, z, method=dvae.DVAE.decode_relaxed))(
-        params, jnp.asarray(z, jnp.float32))
+    stats = _decode_relaxed(params, jnp.asarray(z, jnp.float32))
     return logits, np.asarray(stats, np.float64)
+
+
+# The bare model (no objective) for `_logits_and_stats`, compiled once per shape.
+_encode_logits = jax.jit(lambda p, x: dvae.DVAE(TINY).apply({"params": p}, x,
+                                                           method=dvae.DVAE.encode_logits))
+_decode_relaxed = jax.jit(lambda p, z: dvae.DVAE(TINY).apply({"params": p}, z,
+                                                            method=dvae.DVAE.decode_relaxed))
 
 
 def _check_aux(loss, aux, want, rtol=1e-4):
@@ -348,10 +351,6 @@ def test_dvae_loss_and_gradients(tiny_params):
     want = _np_objective(images, logits, stats, 6.6)
     _check_aux(loss, aux, want)
     assert aux["codes"].shape == (2, 4, 4) and aux["codes"].dtype == jnp.int32
-    # beta weighs only the KL: the same draw at beta 0 loses exactly the KL term.
-    loss0, _ = _jit(dvae_objective.dvae_loss, tau=1.0, beta=0.0, model=TINY)(
-        tiny_params, images, rng)
-    np.testing.assert_allclose(loss - loss0, 6.6 * want["kl_per_dim"], rtol=1e-3)
     for v in (loss, *[aux[k] for k in ("recon_nll", "recon_nll_param", "elb_bpd", "mse")]):
         assert bool(jnp.isfinite(v))
     leaves = jax.tree.leaves(grads)
