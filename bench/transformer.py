@@ -39,7 +39,7 @@ from dalle_jax import sharding, treeutil
 from dalle_jax.models import transformer as tfm
 from dalle_jax.sample import sampler as smp
 from dalle_jax.tokenizers import dvae, image_tokenizer
-from dalle_jax.train import lm_task, loop, optim
+from dalle_jax.train import transformer_task, loop, optim
 
 # Dense peak FLOP/s by device kind and compute dtype, for the utilisation figure.
 PEAK_FLOPS = {
@@ -132,7 +132,7 @@ def _times(fn, n: int, warmup: int) -> list[float]:
 def bench_train(a: argparse.Namespace, mcfg: tfm.TransformerConfig) -> dict:
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     rules = sharding.get_rules("dp")
-    task = lm_task.model_task(mcfg, {"kind": "benchmark"})
+    task = transformer_task.model_task(mcfg, {"kind": "benchmark"})
     tx, lr_fn = optim.build(optim_config(), loop.param_axes(task))
     rng = np.random.default_rng(0)
     batch_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh, rules, 2))

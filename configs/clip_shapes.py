@@ -5,7 +5,7 @@
 
 Args: size=tiny (a ViT of width 64 over 8x8 patches and a text transformer of width 64,
 2 layers each), steps=<override total steps>, batch=<global batch>, bpe=<the caption BPE
-model; default runs/demo/dalle/bpe.model, which --job=train_bpe of the demo writes>.
+model; default runs/demo/transformer/bpe.model, which --job=train_bpe of the demo writes>.
 
 Stage 2 draws several candidate images per caption; the paper keeps the ones a
 contrastive model (CLIP) scores highest. This config trains such a scorer on `shapes`, so
@@ -61,7 +61,7 @@ VARIANTS = {
 
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, size="tiny", steps=0, batch=0,
-                              bpe="runs/demo/dalle/bpe.model")
+                              bpe="runs/demo/transformer/bpe.model")
     configlib.check_choice("size", arg.size, VARIANTS)
     v = VARIANTS[arg.size]
     steps = arg.steps or v["steps"]

@@ -2,8 +2,8 @@
 radius and reranking size, the CLIP score, and an optional training-set overlap check.
 
   python -m dalle_jax.main --job=eval_coco --workdir=runs/eval_coco \\
-    --config=configs/eval_coco.py:coco=/data/coco,transformer=runs/dalle/exports/step_N,\\
-dvae=runs/dvae/exports/step_M,bpe=runs/dalle/bpe.model,scorer=runs/clip,n=512 \\
+    --config=configs/eval_coco.py:coco=/data/coco,transformer=runs/transformer/exports/step_N,\\
+dvae=runs/dvae/exports/step_M,bpe=runs/transformer/bpe.model,scorer=runs/clip,n=512 \\
     --config.metrics.inception_weights=/weights/pt_inception-2015-12-05-6726825d.pth
 
 Args: coco=<dir holding annotations/captions_val2014.json and val2014/>,

@@ -232,7 +232,7 @@ def train_bpe(cfg, workdir: str) -> None:
         multihost_utils.sync_global_devices("train_bpe")
 
 
-def train(cfg, workdir: str) -> None:
+def train_transformer(cfg, workdir: str) -> None:
     """Trains the transformer (stage 2) on pre-encoded tokens, then exports its EMA params.
 
     Reads tokens from ``cfg.data.tokens_dir`` and the BPE model from ``cfg.text.bpe_model``
@@ -242,7 +242,7 @@ def train(cfg, workdir: str) -> None:
     from dalle_jax import exports
     from dalle_jax.data import text_pipeline
     from dalle_jax.tokenizers import bpe
-    from dalle_jax.train import lm_task, loop
+    from dalle_jax.train import transformer_task, loop
 
     task = None
 
@@ -253,7 +253,7 @@ def train(cfg, workdir: str) -> None:
             raise FileNotFoundError(f"no BPE model at {path!r}: run --job=train_bpe first or "
                                     "set --config.text.bpe_model")
         tokenizer = bpe.TextTokenizer(path)
-        task = lm_task.make_task(cfg, workdir, tokenizer)
+        task = transformer_task.make_task(cfg, workdir, tokenizer)
         return loop.train(cfg, workdir, task, lambda: text_pipeline.make_input(
             cfg.data, cfg.text, tokenizer, cfg.data.train_split, train=True))
 
@@ -272,7 +272,7 @@ def _sample_sources(cfg, workdir: str) -> tuple[str, str]:
     export = str(s.params) or latest_export(workdir)
     if not export:
         raise FileNotFoundError(f"no transformer export in {workdir}/exports and sample.params "
-                                "is empty: train it first (--job=train)")
+                                "is empty: train it first (--job=train_transformer)")
     dvae_dir = str(s.dvae_params) or latest_export(
         os.path.dirname(os.path.abspath(str(cfg.data.tokens_dir))))
     if not dvae_dir:
@@ -405,6 +405,19 @@ def plan(cfg, workdir: str) -> None:
         raise SystemExit(1)
 
 
+def _renamed(old: str, new: str) -> Callable:
+    """An old job name that still runs the job ``new``, after a note with the new name."""
+
+    def run(cfg, workdir: str) -> None:
+        from dalle_jax import logs
+
+        logs.note("--job=%s is now called --job=%s; running that", old, new)
+        JOBS[new](cfg, workdir)
+
+    run.__doc__ = f"The old name of ``{new}``."
+    return run
+
+
 JOBS: dict[str, Callable] = {
     "encode": encode,
     "eval_coco": eval_coco,
@@ -416,8 +429,9 @@ JOBS: dict[str, Callable] = {
     "prepare": prepare,
     "preview": preview,
     "sample": sample,
-    "train": train,
+    "train": _renamed("train", "train_transformer"),
     "train_bpe": train_bpe,
     "train_clip": train_clip,
     "train_dvae": train_dvae,
+    "train_transformer": train_transformer,
 }

@@ -287,7 +287,7 @@ def _transformer_config(cfg, workdir: str | None) -> tfm.TransformerConfig:
     import os
 
     from dalle_jax.data.tokens import META_FILE, read_meta
-    from dalle_jax.train import lm_task
+    from dalle_jax.train import transformer_task
 
     tokens_dir = str(cfg.data.tokens_dir)
     if tokens_dir and os.path.exists(os.path.join(tokens_dir, META_FILE)):
@@ -304,7 +304,7 @@ def _transformer_config(cfg, workdir: str | None) -> tfm.TransformerConfig:
         vocab = int(cfg.text.vocab_size)
         tokenizer = type("PlannedVocabulary", (), {
             "text_vocab_size": lambda self, text_len: vocab + text_len})()
-    return lm_task.model_config(cfg, tokenizer, meta)
+    return transformer_task.model_config(cfg, tokenizer, meta)
 
 
 def plan_config(cfg, num_devices: int, device_memory_gib: float, *,
@@ -321,10 +321,10 @@ def plan_config(cfg, num_devices: int, device_memory_gib: float, *,
     microbatch = global_batch // shards
     compute = str(cfg.precision.compute_dtype)
     if "width" in cfg.model:
-        from dalle_jax.train import lm_task
+        from dalle_jax.train import transformer_task
 
         mcfg = _transformer_config(cfg, workdir)
-        task = lm_task.model_task(mcfg, {})
+        task = transformer_task.model_task(mcfg, {})
         what = _describe(mcfg)
         remat = mcfg.remat
         acts = functools.partial(transformer_activations, mcfg)

@@ -22,8 +22,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-$here/../.venv/bin/python}
 export DALLE_JAX_DATA_DIR=${DALLE_JAX_DATA_DIR:-$(pwd)/data}
 dvae=configs/dvae_shapes.py:size=tiny
-dalle=configs/dalle_shapes.py:size=tiny,tokens=$workdir/dvae/tokens
-bpe=$workdir/dalle/bpe.model
+transformer=configs/transformer_shapes.py:size=tiny,tokens=$workdir/dvae/tokens
+bpe=$workdir/transformer/bpe.model
 start=$(date +%s)
 stage() { echo; echo "== $1 ($(( $(date +%s) - start ))s)"; }
 
@@ -34,7 +34,7 @@ for s in "${seeds[@]}"; do
   [ "$s" = 0 ] && continue
   run=$workdir/seed$s
   stage "seed $s: train the transformer"
-  "$here/local.sh" train "$dalle" "$run/dalle" "--config.seed=$s" "--config.data.seed=$s" \
+  "$here/local.sh" train_transformer "$transformer" "$run/transformer" "--config.seed=$s" "--config.data.seed=$s" \
     "--config.text.bpe_model=$bpe"
   stage "seed $s: train the scorer"
   "$here/local.sh" train_clip "configs/clip_shapes.py:bpe=$bpe" "$run/clip" "--config.seed=$s"
@@ -47,8 +47,8 @@ results=()
 for s in "${seeds[@]}"; do
   run=$workdir; [ "$s" = 0 ] || run=$workdir/seed$s
   stage "seed $s: evaluate the transformer"
-  "$here/local.sh" evaluate "$dalle" "$workdir/benchmark/seed$s" \
-    "--config.evaluate.params=$run/dalle" "--config.text.bpe_model=$bpe" \
+  "$here/local.sh" evaluate "$transformer" "$workdir/benchmark/seed$s" \
+    "--config.evaluate.params=$run/transformer" "--config.text.bpe_model=$bpe" \
     "--config.evals.caption_match.captions=$captions" \
     "--config.evals.caption_match.scorer=$run/clip" \
     "--config.evals.fid.num_images=$fid_images" "--config.evals.fid.scorer=$run/clip" \

@@ -11,7 +11,7 @@ workdir=${1:-runs/demo}
 here=$(cd "$(dirname "$0")" && pwd)
 export DALLE_JAX_DATA_DIR=${DALLE_JAX_DATA_DIR:-$(pwd)/data}
 dvae=configs/dvae_shapes.py:size=tiny
-dalle=configs/dalle_shapes.py:size=tiny,tokens=$workdir/dvae/tokens
+transformer=configs/transformer_shapes.py:size=tiny,tokens=$workdir/dvae/tokens
 start=$(date +%s)
 stage() { echo; echo "== $1 ($(( $(date +%s) - start ))s)"; }
 stage "prepare the shapes dataset"
@@ -23,18 +23,18 @@ stage "train the tiny dVAE"
 stage "pre-encode the dataset into image tokens"
 "$here/local.sh" encode "$dvae" "$workdir/dvae"
 stage "train the caption BPE"
-"$here/local.sh" train_bpe "$dalle" "$workdir/dalle"
+"$here/local.sh" train_bpe "$transformer" "$workdir/transformer"
 stage "train the tiny transformer"
-"$here/local.sh" train "$dalle" "$workdir/dalle"
+"$here/local.sh" train_transformer "$transformer" "$workdir/transformer"
 stage "train the contrastive scorer (for reranking)"
-"$here/local.sh" train_clip "configs/clip_shapes.py:bpe=$workdir/dalle/bpe.model" "$workdir/clip"
+"$here/local.sh" train_clip "configs/clip_shapes.py:bpe=$workdir/transformer/bpe.model" "$workdir/clip"
 stage "sample, rerank and check the images against their captions"
-"$here/local.sh" sample "$dalle" "$workdir/dalle" "--config.sample.rerank=$workdir/clip"
+"$here/local.sh" sample "$transformer" "$workdir/transformer" "--config.sample.rerank=$workdir/clip"
 stage "done"
 "${PYTHON:-$here/../.venv/bin/python}" - "$workdir" <<'PY'
 import json, sys
 w = sys.argv[1]
-with open(f"{w}/dalle/samples/report.json") as f:
+with open(f"{w}/transformer/samples/report.json") as f:
     match = json.load(f).get("caption_match", {})
 rows = [("validation", "in-distribution objects"), ("test_compositional", "held-out objects")]
 print("caption match (the shapes checker)     " + "  ".join(f"{r[1]:>24}" for r in rows))
@@ -49,7 +49,7 @@ echo "input batch:        $workdir/preview/train_batch.png"
 echo "reconstructions:    $workdir/dvae/eval/recon_latest.png"
 echo "metrics:            $workdir/dvae/metrics.jsonl"
 echo "image tokens:       $workdir/dvae/tokens"
-echo "transformer:        $workdir/dalle/metrics.jsonl"
+echo "transformer:        $workdir/transformer/metrics.jsonl"
 echo "scorer:             $workdir/clip/metrics.jsonl"
-echo "samples:            $workdir/dalle/samples/grid.png"
-echo "caption match:      $workdir/dalle/samples/report.json"
+echo "samples:            $workdir/transformer/samples/grid.png"
+echo "caption match:      $workdir/transformer/samples/report.json"

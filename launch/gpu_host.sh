@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One host with several GPUs: one process drives every GPU it can see (restrict them with
 # CUDA_VISIBLE_DEVICES). The config's mesh spreads over all of them, e.g.
-#   launch/gpu_host.sh train configs/dalle_paper.py:runlocal runs/dalle \
+#   launch/gpu_host.sh train_transformer configs/transformer_paper.py:runlocal runs/transformer \
 #       --config.mesh.fsdp=8 --config.sharding_rules=fsdp
 #   launch/gpu_host.sh JOB CONFIG[:ARGS] WORKDIR [--config.x=y ...]
 set -euo pipefail

@@ -2,7 +2,7 @@
 # A TPU VM pod slice: runs the job on every worker (one process per host) over
 # `gcloud compute tpus tpu-vm ssh --worker=all`. JAX finds the other hosts itself.
 #   launch/tpu_pod.sh TPU_NAME ZONE JOB CONFIG[:ARGS] WORKDIR [--config.x=y ...]
-# e.g. launch/tpu_pod.sh my-v4-64 us-central2-b train configs/dalle_paper.py /mnt/runs/dalle
+# e.g. launch/tpu_pod.sh my-v4-64 us-central2-b train_transformer configs/transformer_paper.py /mnt/runs/transformer
 # Every worker needs this repository at REMOTE_REPO (default: dalle-jax in the home
 # directory) with `make setup` done, and WORKDIR on a file system every worker shares
 # (e.g. a gcsfuse or Filestore mount). Maintenance events send SIGTERM: the workers agree

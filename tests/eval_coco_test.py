@@ -1,7 +1,7 @@
 """The MS-COCO zero-shot evaluation job (dalle_jax.evals.coco) end to end on a tiny fixture.
 
 A COCO-format folder (annotation JSON + images of several sizes and formats, one corrupt
-and one missing), the tiny stage-2 model of train_lm_test (16x16 images, 2x2 tokens), a
+and one missing), the tiny stage-2 model of train_transformer_test (16x16 images, 2x2 tokens), a
 random scorer export and random Inception weights in the pytorch-fid key layout. The
 Inception network costs ~6 GFLOP per image on the CPU, so the runs use 4 captions.
 """
@@ -20,7 +20,7 @@ from dalle_jax.evals import blur, coco, plots
 from dalle_jax.evals import inception as inc
 
 from notebook_test import _tiny_scorer_export
-from train_lm_test import _cfg, dvae_export, token_dir, tokenizer  # noqa: F401  (fixtures)
+from train_transformer_test import _cfg, dvae_export, token_dir, tokenizer  # noqa: F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 24  # listed in the annotation file; two of them are unusable
@@ -90,12 +90,12 @@ def inception_weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(token_dir, tokenizer, dvae_export, tmp_path_factory):  # noqa: F811
     """``(transformer export, bpe path, dvae export, scorer export)`` of a tiny model."""
-    workdir = str(tmp_path_factory.mktemp("dalle"))
+    workdir = str(tmp_path_factory.mktemp("transformer"))
     # Two training steps: compiling is most of the cost, and halves without optimisations.
     old = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     try:
-        jobs.train(_cfg(token_dir, tokenizer), workdir)
+        jobs.train_transformer(_cfg(token_dir, tokenizer), workdir)
     finally:
         jax.config.update("jax_disable_most_optimizations", old)
     scorer = _tiny_scorer_export(str(tmp_path_factory.mktemp("clip") / "scorer"),
@@ -307,7 +307,7 @@ def test_bad_requests_are_clear_errors(coco_dir, model, tmp_path):
     from dalle_jax import exports
     from dalle_jax.tokenizers import dvae as dvae_lib
 
-    from train_lm_test import DVAE
+    from train_transformer_test import DVAE
 
     other = dvae_lib.DVAEConfig(**{**DVAE.to_dict(), "n_hid": 16})
     other_dir = str(tmp_path / "other_dvae")

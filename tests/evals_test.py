@@ -16,7 +16,7 @@ from dalle_jax.evals import fid, registry
 from dalle_jax.train import loop
 
 from inception_test import tfi, torch_release  # noqa: F401  (fixtures)
-from train_lm_test import _cfg, dvae_export, token_dir, tokenizer  # noqa: F401  (fixtures)
+from train_transformer_test import _cfg, dvae_export, token_dir, tokenizer  # noqa: F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +106,7 @@ def test_build_by_name_and_subject_and_metric_clashes():
 
 
 def test_every_config_names_registered_evaluators():
-    for name in ("dvae_shapes", "dvae_paper", "dalle_shapes", "dalle_paper"):
+    for name in ("dvae_shapes", "dvae_paper", "transformer_shapes", "transformer_paper"):
         cfg = configlib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
         registry.check_sections(cfg)
         assert "evaluate" in cfg
@@ -141,7 +141,7 @@ def trained(shapes_tokens, tokenizer, dvae_export, tmp_path_factory):  # noqa: F
     cfg.evals.caption_match.update(every=2, captions=4, splits="validation", batch_size=4,
                                    rerank=0, guidance=1.0, grid_examples=4)
     workdir = str(root / "run")
-    jobs.train(cfg, workdir)
+    jobs.train_transformer(cfg, workdir)
     return cfg, workdir, scorer
 
 

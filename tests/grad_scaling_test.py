@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from dalle_jax.models import transformer as tr
-from dalle_jax.train import lm_task, optim
+from dalle_jax.train import transformer_task, optim
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -187,7 +187,7 @@ def test_transformer_grads_carry_their_resblock_scale(scan):
     plain = jax.jit(jax.grad(loss))(params, None)
     scales = jnp.asarray([[2.0, 4.0], [8.0, 16.0], [32.0, 64.0]])
     scaled = jax.jit(jax.grad(loss))(params, scales)
-    layout = lm_task.resblock_layout(config)
+    layout = transformer_task.resblock_layout(config)
     # In float32 nothing overflows: unscaling recovers the plain gradients exactly (up to
     # rounding), and the leaves outside the resblocks were never scaled.
     back = optim.unscale(scaled, scales, layout)
@@ -199,7 +199,7 @@ def test_transformer_grads_carry_their_resblock_scale(scan):
 
 
 def test_resblock_layout_covers_every_layer_leaf_once():
-    layout = lm_task.resblock_layout(TINY)
+    layout = transformer_task.resblock_layout(TINY)
     names = tr.param_specs(TINY)["layers"].keys()
     cols = {n: layout.block_of(f"layers/{n}") for n in names}
     assert set(cols.values()) == {0, 1} and None not in cols.values()

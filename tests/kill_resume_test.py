@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import launch, run, train_rows, wait
 from multihost_test import lm_args
-from train_lm_test import token_dir, tokenizer  # noqa: F401  (module fixtures)
+from train_transformer_test import token_dir, tokenizer  # noqa: F401  (module fixtures)
 
 from dalle_jax import checkpoint as ckpt_lib
 from dalle_jax import metrics as metrics_lib

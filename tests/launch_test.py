@@ -31,8 +31,8 @@ def dry_run(script, *args, env=None):
     return variables, cmd
 
 
-JOB = ("train", "configs/dalle_paper.py", "/shared/runs/x", "--config.text.bpe_model=/a b/c")
-MAIN = ["-m", "dalle_jax.main", "--job=train", "--config=configs/dalle_paper.py",
+JOB = ("train_transformer", "configs/transformer_paper.py", "/shared/runs/x", "--config.text.bpe_model=/a b/c")
+MAIN = ["-m", "dalle_jax.main", "--job=train_transformer", "--config=configs/transformer_paper.py",
         "--workdir=/shared/runs/x", "--config.text.bpe_model=/a b/c"]
 
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from conftest import launch, losses, run, train_rows, wait, wait_for_training
-from train_lm_test import dvae_export, token_dir, tokenizer  # noqa: F401  (module fixtures)
+from train_transformer_test import dvae_export, token_dir, tokenizer  # noqa: F401  (module fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Losses of a 2 x 4-device run against a 1 x 8-device run of the same mesh: the programs
@@ -19,10 +19,10 @@ RTOL = 1e-5
 
 
 def lm_args(tokens, bpe, steps=6, total=None, extra=()):
-    """The tiny stage-2 run of train_lm_test (its token directory and BPE model), as
+    """The tiny stage-2 run of train_transformer_test (its token directory and BPE model), as
     command-line flags."""
-    return ["--job=train",
-            f"--config={ROOT}/configs/dalle_shapes.py:steps={steps},batch=8,tokens={tokens}",
+    return ["--job=train_transformer",
+            f"--config={ROOT}/configs/transformer_shapes.py:steps={steps},batch=8,tokens={tokens}",
             "--config.text.text_len=8", f"--config.text.bpe_model={bpe.path}",
             "--config.text.vocab_size=300", "--config.model.width=32", "--config.model.depth=2",
             "--config.model.heads=2", "--config.model.conv_kernel=3", "--config.eval_every=3",

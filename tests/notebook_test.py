@@ -13,7 +13,7 @@ from dalle_jax import exports, jobs
 from dalle_jax.models import clip
 from dalle_jax.train import clip_task
 
-from train_lm_test import _cfg, dvae_export, token_dir, tokenizer  # noqa: F401  (fixtures)
+from train_transformer_test import _cfg, dvae_export, token_dir, tokenizer  # noqa: F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "sample.ipynb")
@@ -43,7 +43,7 @@ def _parameters_cell(nb) -> nbformat.NotebookNode:
 def test_sample_notebook_runs_end_to_end(token_dir, tokenizer, dvae_export, tmp_path):  # noqa: F811
     cfg = _cfg(token_dir, tokenizer)
     workdir = str(tmp_path / "run")
-    jobs.train(cfg, workdir)
+    jobs.train_transformer(cfg, workdir)
     jobs.export(cfg, workdir)  # bfloat16, as a user would download it into Colab
     transformer = jobs.latest_export(workdir) + "_bfloat16"
     scorer = _tiny_scorer_export(str(tmp_path / "scorer"), tokenizer.path)
@@ -51,7 +51,7 @@ def test_sample_notebook_runs_end_to_end(token_dir, tokenizer, dvae_export, tmp_
     nb = nbformat.read(NOTEBOOK, as_version=4)
     cell = _parameters_cell(nb)
     # The notebook's own defaults must be the demo's paths (what a CPU runtime loads).
-    assert "runs/demo/dalle/exports/step_0002000" in cell.source
+    assert "runs/demo/transformer/exports/step_0002000" in cell.source
     cell.source = "\n".join([
         'REPO = ""',
         f"TRANSFORMER_EXPORT = {transformer!r}",

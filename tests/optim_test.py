@@ -142,8 +142,8 @@ def test_adam_variance_clip_by_hand():
 
 def test_variance_clip_is_on_in_the_paper_config_only():
     load = lambda f: configlib.load_config(os.path.join(ROOT, "configs", f))  # noqa: E731
-    assert load("dalle_paper.py:tokens=x").optim.max_variance == 5.0
-    assert load("dalle_shapes.py").optim.max_variance == 0.0
+    assert load("transformer_paper.py:tokens=x").optim.max_variance == 5.0
+    assert load("transformer_shapes.py").optim.max_variance == 0.0
     assert load("dvae_shapes.py").optim.max_variance == 0.0
 
 

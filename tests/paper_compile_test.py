@@ -19,20 +19,20 @@ from jax.sharding import PartitionSpec as P
 
 from dalle_jax import configlib, sharding, treeutil
 from dalle_jax.models import transformer as tr
-from dalle_jax.train import lm_task, loop
+from dalle_jax.train import transformer_task, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPTH, BATCH = 2, 8
 
 
 def _compile(preset, mesh_degrees, dtype="bfloat16"):
-    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_paper.py") + ":tokens=x")
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "transformer_paper.py") + ":tokens=x")
     cfg.sharding_rules = preset
     cfg.mesh.update(mesh_degrees)
     cfg.precision.compute_dtype = dtype
     mcfg = tr.TransformerConfig.paper_12b(depth=DEPTH, attn_pattern="row,column",
                                           scan_layers=True, remat="full", dtype=dtype)
-    task = lm_task.model_task(mcfg, {"kind": "compile test"})
+    task = transformer_task.model_task(mcfg, {"kind": "compile test"})
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.get_rules(preset)
     abstract_params = jax.eval_shape(task.init_variables, jax.random.key(0))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from dalle_jax import configlib, plan, sharding
-from dalle_jax.train import dvae_task, lm_task, loop
+from dalle_jax.train import dvae_task, transformer_task, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -32,7 +32,7 @@ def _compiled(cfg, tmp_path):
     b = int(cfg.data.global_batch_size)
     if "width" in cfg.model:
         mcfg = plan._transformer_config(cfg, None)
-        task = lm_task.model_task(mcfg, {})
+        task = transformer_task.model_task(mcfg, {})
         batch = {"text_tokens": jax.ShapeDtypeStruct((b, mcfg.text_len), jnp.int32),
                  "image_tokens": jax.ShapeDtypeStruct((b, mcfg.image_len), jnp.int32)}
     else:
@@ -48,10 +48,10 @@ def _compiled(cfg, tmp_path):
 SMALL = dict(model__width=256, model__depth=4, model__heads=4, text__text_len=64,
              plan__grid=16, data__global_batch_size=16)
 CASES = {
-    "tiny transformer, dp": ("dalle_shapes.py:tokens=/nonexistent", {}),
-    "tiny transformer, fsdp": ("dalle_shapes.py:tokens=/nonexistent",
+    "tiny transformer, dp": ("transformer_shapes.py:tokens=/nonexistent", {}),
+    "tiny transformer, fsdp": ("transformer_shapes.py:tokens=/nonexistent",
                                dict(mesh__data=1, mesh__fsdp=8)),
-    "small transformer, fsdp, remat": ("dalle_shapes.py:tokens=/nonexistent",
+    "small transformer, fsdp, remat": ("transformer_shapes.py:tokens=/nonexistent",
                                        dict(SMALL, model__remat="full", model__scan_layers=True,
                                             mesh__data=1, mesh__fsdp=8)),
     "tiny dVAE, fsdp": ("dvae_shapes.py:size=tiny", dict(mesh__data=2, mesh__fsdp=4)),
@@ -77,7 +77,7 @@ def test_plan_agrees_with_the_compiled_step(name, tmp_path):
 
 def test_plan_of_the_paper_model_on_the_papers_cluster():
     """12B in float16 on 1,024 GPUs of 16 GB (fsdp 128 x tensor 8), batch 1,024."""
-    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_paper.py")
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "transformer_paper.py")
                                 + ":tokens=x,fsdp=128,tensor=8")
     cfg.precision.compute_dtype = "float16"
     p = plan.plan_config(cfg, 1024, 16.0)
@@ -97,7 +97,7 @@ def test_plan_of_the_paper_model_on_the_papers_cluster():
 
 
 def test_settings_that_fit_shrink_the_microbatch():
-    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_paper.py")
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "transformer_paper.py")
                                 + ":tokens=x,fsdp=64")
     options = {o["remat"]: o for o in plan.settings_that_fit(cfg, 64, 80.0)}
     assert options["full"]["fits"] and options["full"]["microbatch"] >= 1
@@ -111,7 +111,7 @@ def test_settings_that_fit_shrink_the_microbatch():
 
 def _run_plan(tmp_path, *overrides):
     cmd = [sys.executable, "-m", "dalle_jax.main", "--job=plan",
-           f"--config={ROOT}/configs/dalle_paper.py:tokens=x,fsdp=128,tensor=8",
+           f"--config={ROOT}/configs/transformer_paper.py:tokens=x,fsdp=128,tensor=8",
            f"--workdir={tmp_path}", "--config.plan.num_devices=1024",
            "--config.precision.compute_dtype=float16", *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,

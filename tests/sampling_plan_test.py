@@ -17,7 +17,7 @@ SMALL = tfm.TransformerConfig(text_vocab=1032, image_vocab=512, text_len=32, gri
 
 
 def _paper_config(**kw):
-    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_paper.py") + ":tokens=x")
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "transformer_paper.py") + ":tokens=x")
     mcfg = plan._transformer_config(cfg, None)
     return dataclasses.replace(mcfg, **kw)
 
@@ -52,7 +52,7 @@ def test_sampling_plan_bounds_the_compiled_program(name):
 
 
 def test_sampling_the_12b_model_needs_no_device_to_hold_it_whole():
-    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_paper.py")
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "transformer_paper.py")
                                 + ":tokens=x,fsdp=8")
     cfg.precision.compute_dtype = "bfloat16"
     cfg.sample.batch_size = 8

@@ -406,7 +406,7 @@ class Sampler:
     def load(cls, transformer_export: str, bpe_model: str, dvae_export: str | None = None, *,
              sampling: SamplingConfig = SamplingConfig(), dtype: str = "float32",
              mesh=None, rules=None) -> Sampler:
-        """A sampler from files: a transformer export (``exports/step_N`` of ``--job=train``),
+        """A sampler from files: a transformer export (``exports/step_N`` of ``--job=train_transformer``),
         its BPE model and, for images, its dVAE export. Each is checked against the
         identities the transformer was trained with, so a tokenizer or dVAE from another
         run fails with the differing fields named instead of producing noise.

@@ -51,7 +51,7 @@ class Task:
     """What a stage plugs into the loop.
 
     Attributes:
-      name: short name ("dvae", "lm"), stored in checkpoints.
+      name: short name ("dvae", "transformer", "clip"), stored in checkpoints.
       identity: the model's defining config; a checkpoint whose identity differs is refused.
       init_variables: ``rng -> {"params": ...}`` with logically partitioned (boxed) leaves.
       loss_fn: ``(params, batch, rng, step) -> (loss, metrics)``; pure. Metrics are scalars,

@@ -1,8 +1,8 @@
 """Stage 2 on the built-in `shapes` dataset: a small transformer over pre-encoded tokens.
 
-  python -m dalle_jax.main --job=train_bpe --config=configs/dalle_shapes.py --workdir=runs/dalle
-  python -m dalle_jax.main --job=train     --config=configs/dalle_shapes.py --workdir=runs/dalle
-  python -m dalle_jax.main --job=sample    --config=configs/dalle_shapes.py --workdir=runs/dalle
+  python -m dalle_jax.main --job=train_bpe --config=configs/transformer_shapes.py --workdir=runs/transformer
+  python -m dalle_jax.main --job=train_transformer     --config=configs/transformer_shapes.py --workdir=runs/transformer
+  python -m dalle_jax.main --job=sample    --config=configs/transformer_shapes.py --workdir=runs/transformer
 
 Args: size=tiny (width 128, depth 4, heads 4), steps=<override total steps>,
 batch=<global batch>, tokens=<token directory written by --job=encode; default

@@ -1,10 +1,10 @@
 """Stage 2 at the paper's size: the 12-billion-parameter transformer (paper §2.2-2.4, App. B).
 
-  python -m dalle_jax.main --job=plan      --config=configs/dalle_paper.py:fsdp=F,tensor=T --workdir=W \
+  python -m dalle_jax.main --job=plan      --config=configs/transformer_paper.py:fsdp=F,tensor=T --workdir=W \
     --config.plan.num_devices=N --config.plan.device_memory_gib=M
-  python -m dalle_jax.main --job=train_bpe --config=configs/dalle_paper.py:tokens=DIR --workdir=W
-  python -m dalle_jax.main --job=train     --config=configs/dalle_paper.py:tokens=DIR,fsdp=F,tensor=T --workdir=W
-  python -m dalle_jax.main --job=sample    --config=configs/dalle_paper.py:tokens=DIR --workdir=W
+  python -m dalle_jax.main --job=train_bpe --config=configs/transformer_paper.py:tokens=DIR --workdir=W
+  python -m dalle_jax.main --job=train_transformer     --config=configs/transformer_paper.py:tokens=DIR,fsdp=F,tensor=T --workdir=W
+  python -m dalle_jax.main --job=sample    --config=configs/transformer_paper.py:tokens=DIR --workdir=W
 
 DIR is the token directory that ``--job=encode`` of ``configs/dvae_paper.py`` wrote (its
 dVAE fixes the image grid, 32x32, and the codebook, 8192). Args: tokens=DIR,

@@ -13,7 +13,7 @@ from dalle_jax import configlib, exports, jobs, treeutil, visualize
 from dalle_jax import metrics as metrics_lib
 from dalle_jax.data import text_pipeline, tokens
 from dalle_jax.tokenizers import bpe, dvae, image_tokenizer
-from dalle_jax.train import lm_task, loop
+from dalle_jax.train import transformer_task, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID, IMAGE_VOCAB, TEXT_LEN = 2, 16, 8
@@ -130,7 +130,7 @@ def test_state_restore_gives_the_same_next_batch(token_dir, tokenizer):
 
 
 def _cfg(token_dir, tokenizer, total=2):
-    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_shapes.py")
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "transformer_shapes.py")
                                 + f":steps={total},batch=8,tokens={token_dir}")
     cfg.text.update(text_len=TEXT_LEN, bpe_model=tokenizer.path, vocab_size=300)
     cfg.model.update(width=32, depth=2, heads=2, conv_kernel=3)
@@ -144,7 +144,7 @@ def _cfg(token_dir, tokenizer, total=2):
 def test_train_resume_export_and_refuse_other_width(token_dir, tokenizer, tmp_path):
     cfg = _cfg(token_dir, tokenizer)
     straight = str(tmp_path / "straight")
-    jobs.train(cfg, straight)
+    jobs.train_transformer(cfg, straight)
     export = os.path.join(straight, "exports", "step_0000002")
     rows = metrics_lib.read_jsonl(os.path.join(straight, "metrics.jsonl"))
     for k in ("train/loss", "train/loss_text", "train/loss_image", "train/acc_text",
@@ -152,11 +152,11 @@ def test_train_resume_export_and_refuse_other_width(token_dir, tokenizer, tmp_pa
         assert any(k in r for r in rows.values()), k
 
     resumed = str(tmp_path / "resumed")
-    task = lm_task.make_task(cfg, resumed, tokenizer)
+    task = transformer_task.make_task(cfg, resumed, tokenizer)
     loop.train(cfg, resumed, task, lambda: text_pipeline.make_input(
         cfg.data, cfg.text, tokenizer, "train", train=True), stop_at_step=1)
     assert not os.path.exists(os.path.join(resumed, "exports"))
-    jobs.train(cfg, resumed)
+    jobs.train_transformer(cfg, resumed)
     a, meta = exports.load(export)
     b, _ = exports.load(os.path.join(resumed, "exports", "step_0000002"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -168,7 +168,7 @@ def test_train_resume_export_and_refuse_other_width(token_dir, tokenizer, tmp_pa
     cfg.total_steps = 3
     cfg.model.width = 64
     with pytest.raises(ValueError, match="(?s)different model.*width: checkpoint has 32"):
-        jobs.train(cfg, resumed)
+        jobs.train_transformer(cfg, resumed)
 
 
 def test_caption_dropout_trains_on_the_empty_caption(token_dir, tokenizer):
@@ -177,9 +177,9 @@ def test_caption_dropout_trains_on_the_empty_caption(token_dir, tokenizer):
     cfg = _cfg(token_dir, tokenizer)
     cfg.evals.val.num_batches = 0
     cfg.text.caption_dropout = 0.5
-    task = lm_task.make_task(cfg, "", tokenizer)
+    task = transformer_task.make_task(cfg, "", tokenizer)
     cfg.text.caption_dropout = 0.0
-    plain = lm_task.make_task(cfg, "", tokenizer)
+    plain = transformer_task.make_task(cfg, "", tokenizer)
     params = sharding.unboxed(task.init_variables(jax.random.key(0)))["params"]
     # Noise on every leaf: the fresh zero heads would make the loss ignore the text.
     noise = np.random.default_rng(0)
@@ -203,11 +203,11 @@ def test_caption_dropout_trains_on_the_empty_caption(token_dir, tokenizer):
     assert not np.allclose(got, undropped)
     cfg.text.caption_dropout = 1.0
     with pytest.raises(ValueError, match="caption_dropout"):
-        lm_task.make_task(cfg, "", tokenizer)
+        transformer_task.make_task(cfg, "", tokenizer)
 
 
 def test_train_bpe_job_writes_once(token_dir, tmp_path):
-    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_shapes.py")
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "transformer_shapes.py")
                                 + f":tokens={token_dir}")
     cfg.text.vocab_size = 300
     jobs.train_bpe(cfg, str(tmp_path))
@@ -245,7 +245,7 @@ def _sample_pngs(report):
 def test_sample_job_writes_grid_tokens_and_report(token_dir, tokenizer, dvae_export, tmp_path):
     cfg = _cfg(token_dir, tokenizer)
     workdir = str(tmp_path / "run")
-    jobs.train(cfg, workdir)
+    jobs.train_transformer(cfg, workdir)
     cfg.sample.update(dvae_params=dvae_export, captions=("a red circle", "a blue star"),
                       num_candidates=3, batch_size=4, top_k=4)
     jobs.sample(cfg, workdir)
@@ -311,7 +311,7 @@ def test_bfloat16_export_loads_onto_the_device_and_samples(token_dir, tokenizer,
 
     cfg = _cfg(token_dir, tokenizer)
     workdir = str(tmp_path / "run")
-    jobs.train(cfg, workdir)
+    jobs.train_transformer(cfg, workdir)
     jobs.export(cfg, workdir)  # the newest export, in bfloat16, next to it
     f32 = os.path.join(workdir, "exports", "step_0000002")
     bf16 = f32 + "_bfloat16"
@@ -349,7 +349,7 @@ def test_sample_job_names_bad_input_and_overwrites_nothing(token_dir, tokenizer,
                                                            tmp_path, capsys):
     cfg = _cfg(token_dir, tokenizer)
     workdir = str(tmp_path / "run")
-    jobs.train(cfg, workdir)
+    jobs.train_transformer(cfg, workdir)
     out = tmp_path / "out"
     cfg.sample.update(dvae_params=dvae_export, captions=("a red circle",), num_candidates=2,
                       batch_size=4, out_dir=str(out))
@@ -420,7 +420,7 @@ def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, token
         json.dump(meta, f)
     cfg = _cfg(shapes_dir, tokenizer)
     workdir = str(tmp_path / "run")
-    jobs.train(cfg, workdir)
+    jobs.train_transformer(cfg, workdir)
     from notebook_test import _tiny_scorer_export
 
     scorer = _tiny_scorer_export(str(tmp_path / "scorer"), tokenizer.path)
@@ -461,14 +461,14 @@ def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, token
 
 def test_paper_config_runlocal_trains_scanned_rematerialised_with_halving(token_dir, tokenizer,
                                                                           tmp_path):
-    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_paper.py")
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "transformer_paper.py")
                                 + f":runlocal,tokens={token_dir}")
     assert cfg.model.scan_layers and cfg.model.remat == "full"
     cfg.text.bpe_model = tokenizer.path
     cfg.ckpt.async_save = False
     cfg.log.progress_bar = False
     workdir = str(tmp_path / "paper")
-    jobs.train(cfg, workdir)
+    jobs.train_transformer(cfg, workdir)
     rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     lr = {step: r["train/lr"] for step, r in rows.items() if "train/lr" in r}
     # Warm-up over 2 updates to 4.5e-4, halved from update 3 (lr is logged per update).
@@ -479,10 +479,10 @@ def test_paper_config_runlocal_trains_scanned_rematerialised_with_halving(token_
 def test_paper_config_is_the_papers_12b_model(tokenizer):
     from dalle_jax.models import transformer as tfm
 
-    cfg = configlib.load_config(os.path.join(ROOT, "configs", "dalle_paper.py") + ":tokens=x")
+    cfg = configlib.load_config(os.path.join(ROOT, "configs", "transformer_paper.py") + ":tokens=x")
     meta = {"dvae": {"identity": {"vocab_size": 8192}, "grid": 32}}
     tok = type("Tok", (), {"text_vocab_size": lambda self, n: 16384 + n})()
-    mcfg = lm_task.model_config(cfg, tok, meta)
+    mcfg = transformer_task.model_config(cfg, tok, meta)
     paper = tfm.TransformerConfig.paper_12b()
     for f in ("text_vocab", "image_vocab", "text_len", "grid", "width", "depth", "heads",
               "mlp_ratio", "attn_pattern", "conv_kernel"):
@@ -510,7 +510,7 @@ def test_float16_with_per_resblock_scaling_tracks_float32(token_dir, tokenizer, 
         cfg.ckpt.every_steps = 200
         cfg.log.every_steps = 20
         workdir = str(tmp_path / dtype)
-        jobs.train(cfg, workdir)
+        jobs.train_transformer(cfg, workdir)
         runs[dtype] = _losses(workdir)
     (rows32, loss32), (rows16, loss16) = runs["float32"], runs["float16"]
     assert len(loss32) == len(loss16) == 10
@@ -536,7 +536,7 @@ def test_bfloat16_training_runs(token_dir, tokenizer, tmp_path):
     cfg.precision.compute_dtype = "bfloat16"
     cfg.ckpt.every_steps = 3
     workdir = str(tmp_path / "bf16")
-    jobs.train(cfg, workdir)
+    jobs.train_transformer(cfg, workdir)
     rows, losses = _losses(workdir)
     assert len(losses) == 3 and np.isfinite(losses).all()
     assert "grad_scale/log2_min" not in rows[3]  # scaling is for float16 only
@@ -551,5 +551,13 @@ def test_a_mesh_that_cannot_shard_the_model_stops_the_job_before_it_starts(token
     workdir = tmp_path / "bad_mesh"
     with pytest.raises(ValueError, match=r"(?s)layers/qkv_kernel.*dim 1 \('embed', size 36\) "
                                          r"is not divisible by mesh fsdp=8"):
-        jobs.train(cfg, str(workdir))
+        jobs.train_transformer(cfg, str(workdir))
     assert not (workdir / "checkpoints").exists()
+
+
+def test_the_old_job_name_runs_the_renamed_job(monkeypatch):
+    calls = []
+    monkeypatch.setitem(jobs.JOBS, "train_transformer", lambda cfg, w: calls.append((cfg, w)))
+    jobs.JOBS["train"]("cfg", "dir")
+    assert calls == [("cfg", "dir")]
+    assert "train_transformer" in jobs.JOBS["train"].__doc__

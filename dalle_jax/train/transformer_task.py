@@ -124,7 +124,7 @@ def model_task(mcfg: transformer.TransformerConfig, ident: dict,
         return loss, metrics
 
     return loop.Task(
-        name="lm",
+        name="transformer",
         identity=ident,
         init_variables=lambda rng: transformer.init_variables(mcfg, rng),
         loss_fn=loss_fn,
