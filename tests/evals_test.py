@@ -3,7 +3,6 @@
 
 import json
 import os
-import shutil
 
 import ml_collections as mlc
 import numpy as np
@@ -16,7 +15,8 @@ from dalle_jax.evals import fid, registry
 from dalle_jax.train import loop
 
 from inception_test import tfi, torch_release  # noqa: F401  (fixtures)
-from train_transformer_test import _cfg, dvae_export, token_dir, tokenizer  # noqa: F401  (fixtures)
+from train_transformer_test import (  # noqa: F401  (fixtures)
+    _cfg, dvae_export, shapes_token_dir, token_dir, tokenizer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,27 +116,13 @@ def test_every_config_names_registered_evaluators():
 
 
 @pytest.fixture(scope="module")
-def shapes_tokens(token_dir, tmp_path_factory):  # noqa: F811
-    """The test token directory, marked as `shapes` data (the checker reads its captions)."""
-    d = str(tmp_path_factory.mktemp("shapes") / "tokens")
-    shutil.copytree(token_dir, d)
-    path = os.path.join(d, tokens.META_FILE)
-    with open(path) as f:
-        meta = json.load(f)
-    meta["source"] = {"source": "shapes"}
-    with open(path, "w") as f:
-        json.dump(meta, f)
-    return d
-
-
-@pytest.fixture(scope="module")
-def trained(shapes_tokens, tokenizer, dvae_export, tmp_path_factory):  # noqa: F811
+def trained(shapes_token_dir, tokenizer, dvae_export, tmp_path_factory):  # noqa: F811
     """A 2-step transformer run whose training also ran the caption match (every=2)."""
     from notebook_test import _tiny_scorer_export
 
     root = tmp_path_factory.mktemp("evals")
     scorer = _tiny_scorer_export(str(root / "scorer"), tokenizer.path)
-    cfg = _cfg(shapes_tokens, tokenizer)
+    cfg = _cfg(shapes_token_dir, tokenizer)
     cfg.sample.dvae_params = dvae_export
     cfg.evals.caption_match.update(every=2, captions=4, splits="validation", batch_size=4,
                                    rerank=0, guidance=1.0, grid_examples=4)

@@ -402,22 +402,29 @@ def test_sample_job_names_bad_input_and_overwrites_nothing(token_dir, tokenizer,
     assert (toks[:, :, 0] == toks[0, 0, 0]).all()  # the kept row is the image's, everywhere
 
 
-def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(token_dir, tokenizer, dvae_export,
-                                                                  tmp_path):
+@pytest.fixture(scope="module")
+def shapes_token_dir(token_dir, tmp_path_factory):
+    """The test token directory, marked as `shapes` data (the checker reads its captions)."""
     import shutil
 
+    d = str(tmp_path_factory.mktemp("shapes") / "tokens")
+    shutil.copytree(token_dir, d)
+    path = os.path.join(d, tokens.META_FILE)
+    with open(path) as f:
+        meta = json.load(f)
+    meta["source"] = {"source": "shapes"}
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    return d
+
+
+def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(shapes_token_dir, tokenizer,
+                                                                  dvae_export, tmp_path):
     from PIL import Image
 
     from dalle_jax.evals import shapes_match
 
-    shapes_dir = str(tmp_path / "shapes_tokens")
-    shutil.copytree(token_dir, shapes_dir)
-    meta_path = os.path.join(shapes_dir, tokens.META_FILE)
-    with open(meta_path) as f:
-        meta = json.load(f)
-    meta["source"] = {"source": "shapes"}
-    with open(meta_path, "w") as f:
-        json.dump(meta, f)
+    shapes_dir = shapes_token_dir
     cfg = _cfg(shapes_dir, tokenizer)
     workdir = str(tmp_path / "run")
     jobs.train_transformer(cfg, workdir)
