@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import launch, run, train_rows, wait
-from multihost_test import lm_args
+from multihost_test import transformer_args
 from train_transformer_test import token_dir, tokenizer  # noqa: F401  (module fixtures)
 
 from dalle_jax import checkpoint as ckpt_lib
@@ -48,7 +48,7 @@ def _train_metrics(workdir):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run_bitwise(
         token_dir, tokenizer, tmp_path):  # noqa: F811
-    args = lm_args(token_dir, tokenizer, steps=STEPS,
+    args = transformer_args(token_dir, tokenizer, steps=STEPS,
                    extra=("--config.eval_every=100000", f"--config.ckpt.every_steps={EVERY}"))
     straight = str(tmp_path / "straight")
     run(args, straight)

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5
 
 
-def lm_args(tokens, bpe, steps=6, total=None, extra=()):
+def transformer_args(tokens, bpe, steps=6, total=None, extra=()):
     """The tiny stage-2 run of train_transformer_test (its token directory and BPE model), as
     command-line flags."""
     return ["--job=train_transformer",
@@ -35,18 +35,18 @@ def lm_args(tokens, bpe, steps=6, total=None, extra=()):
 def test_two_processes_train_stage2_like_one(token_dir, tokenizer, tmp_path):  # noqa: F811
     one = str(tmp_path / "one")
     two = str(tmp_path / "two")
-    run(lm_args(token_dir, tokenizer), one, processes=1, devices=8)
-    results = run(lm_args(token_dir, tokenizer), two, processes=2, devices=4)
+    run(transformer_args(token_dir, tokenizer), one, processes=1, devices=8)
+    results = run(transformer_args(token_dir, tokenizer), two, processes=2, devices=4)
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=RTOL)
     # Only process 0 writes the metrics and the config; each process writes its own log
     # file and its own part of every checkpoint and export.
     assert os.path.exists(os.path.join(two, "exports", "step_0000006", "meta.json"))
-    logs = [open(os.path.join(two, "logs", f"train.p{i}.log")).read() for i in range(2)]
+    logs = [open(os.path.join(two, "logs", f"train_transformer.p{i}.log")).read() for i in range(2)]
     assert "] step 6: " in logs[0] and "] step 6: " not in logs[1]  # the metrics line
     # The console has the training summary, not every logged step.
-    assert "] step 6: " not in results[0][1] and "lm: step 6 of 6" in results[0][1]
+    assert "] step 6: " not in results[0][1] and "transformer: step 6 of 6" in results[0][1]
     for tree in ("checkpoints/6/state", "exports/step_0000006/params"):
         for i in range(2):
             assert os.listdir(os.path.join(two, tree, f"ocdbt.process_{i}")), (tree, i)
@@ -96,7 +96,7 @@ def test_checkpoints_move_between_process_counts_and_meshes(token_dir, tokenizer
     # Steps 1-3 on one layout, 4-6 on the other, against 6 uninterrupted steps. The
     # schedule is that of a 6-step run throughout (total_steps only stops the first part).
     straight = str(tmp_path / "straight")
-    run(lm_args(token_dir, tokenizer), straight)
+    run(transformer_args(token_dir, tokenizer), straight)
     reference = losses(straight)
     fsdp = ["--config.sharding_rules=fsdp", "--config.mesh.fsdp=4"]
     layouts = {"2 processes x 4 devices, dp": dict(processes=2, devices=4, extra=()),
@@ -104,9 +104,9 @@ def test_checkpoints_move_between_process_counts_and_meshes(token_dir, tokenizer
     for name, (first, second) in {"2x4 -> 1x8": list(layouts.values()),
                                   "1x8 -> 2x4": list(layouts.values())[::-1]}.items():
         work = str(tmp_path / name.replace(" ", ""))
-        run(lm_args(token_dir, tokenizer, total=3, extra=first["extra"]), work,
+        run(transformer_args(token_dir, tokenizer, total=3, extra=first["extra"]), work,
             processes=first["processes"], devices=first["devices"])
-        run(lm_args(token_dir, tokenizer, extra=second["extra"]), work,
+        run(transformer_args(token_dir, tokenizer, extra=second["extra"]), work,
             processes=second["processes"], devices=second["devices"])
         got = losses(work)
         assert sorted(got) == list(range(1, 7)), name
@@ -124,7 +124,7 @@ def test_checkpoints_move_between_process_counts_and_meshes(token_dir, tokenizer
 def test_sigterm_to_any_process_saves_everywhere_and_resumes(token_dir, tokenizer,  # noqa: F811
                                                              tmp_path, signalled):
     steps = 150  # long enough that the notice lands mid-run on a fast machine too
-    args = lm_args(token_dir, tokenizer, steps=steps, extra=("--config.eval_every=1000",))
+    args = transformer_args(token_dir, tokenizer, steps=steps, extra=("--config.eval_every=1000",))
     straight = str(tmp_path / "straight")  # 1 x 8 devices: the same losses, faster
     run(args, straight, processes=1, devices=8)
 
@@ -152,7 +152,7 @@ def test_sigterm_to_any_process_saves_everywhere_and_resumes(token_dir, tokenize
 @pytest.mark.slow
 def test_a_process_that_dies_stops_the_others(token_dir, tokenizer, tmp_path):  # noqa: F811
     work = str(tmp_path / "killed")
-    procs = launch(lm_args(token_dir, tokenizer, steps=100000), work, processes=2, devices=4,
+    procs = launch(transformer_args(token_dir, tokenizer, steps=100000), work, processes=2, devices=4,
                    heartbeat_s=5)
     wait_for_training(work, procs)
     t0 = time.time()
@@ -165,7 +165,7 @@ def test_a_process_that_dies_stops_the_others(token_dir, tokenizer, tmp_path):  
 def test_processes_with_different_configs_stop_at_start(token_dir, tokenizer,  # noqa: F811
                                                         tmp_path):
     work = str(tmp_path / "differ")
-    results = wait(launch(lm_args(token_dir, tokenizer), work, processes=2, devices=4,
+    results = wait(launch(transformer_args(token_dir, tokenizer), work, processes=2, devices=4,
                           extra_args={1: ["--config.model.depth=3", "--config.seed=5"]}),
                    timeout=120)
     assert all(rc != 0 for rc, _ in results)
@@ -178,11 +178,11 @@ def test_processes_with_different_configs_stop_at_start(token_dir, tokenizer,  #
 def test_sampling_is_the_same_on_one_device_a_mesh_and_two_processes(
         token_dir, tokenizer, dvae_export, tmp_path):  # noqa: F811
     model = str(tmp_path / "model")
-    run(lm_args(token_dir, tokenizer), model)
+    run(transformer_args(token_dir, tokenizer), model)
     sample = ["--job=sample", f"--config.sample.params={model}/exports/step_0000006",
               f"--config.sample.dvae_params={dvae_export}", "--config.sample.num_candidates=3",
               "--config.sample.batch_size=8", "--config.sample.top_k=4"]
-    args = [a for a in lm_args(token_dir, tokenizer) if not a.startswith("--job")] + sample
+    args = [a for a in transformer_args(token_dir, tokenizer) if not a.startswith("--job")] + sample
     fsdp = ["--config.sharding_rules=fsdp", "--config.mesh.fsdp=4"]
     layouts = {"1 device": (dict(processes=1, devices=1), []),
                "8 devices, dp": (dict(processes=1, devices=8), []),
