@@ -36,9 +36,14 @@ def prepare(cfg, workdir: str) -> None:
         t0 = time.time()
         report = sources.prepare(cfg.data)
         report["seconds"] = round(time.time() - t0, 2)
-        _write_json(os.path.join(workdir, "prepare_report.json"), report)
+        path = os.path.join(workdir, "prepare_report.json")
+        _write_json(path, report)
         logging.info("prepared: %s", json.dumps(report, default=str))
-        print(json.dumps(report, indent=2, default=str))
+        splits = report.get("splits", {})
+        counts = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                           for k, v in sorted(splits.items()))
+        print(f"dataset {report.get('dataset', '?')}: {counts or 'no splits'} "
+              f"({report['seconds']:.0f}s); report: {path}")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("prepare")
 
@@ -78,7 +83,10 @@ def preview(cfg, workdir: str) -> None:
                                    ncols=8, scale=2 if cfg.data.image_size <= 64 else 1)
         stats["grid"] = path
         _write_json(os.path.join(workdir, "preview", "stats.json"), stats)
-        print(json.dumps(stats, indent=2))
+        logging.info("preview: %s", json.dumps(stats))
+        print(f"input pipeline: {stats['examples_per_second_per_process']:,} examples/s per "
+              f"process, global batch {stats['global_image_batch']} sharded "
+              f"{stats['batch_sharding']}; grid: {path}")
 
 
 def latest_export(workdir: str) -> str | None:
@@ -155,7 +163,8 @@ def encode(cfg, workdir: str) -> None:
     report = pre_encode.encode_dataset(cfg.data, tokenizer, out_dir, splits=splits,
                                        shard_size=int(cfg.encode.shard_size),
                                        batch_size=int(cfg.encode.batch_size), dvae_dir=params_dir)
-    print(json.dumps(report, indent=2))
+    done = ", ".join(f"{k} {v['examples']:,}" for k, v in sorted(report["splits"].items()))
+    print(f"image tokens of {done} examples in {out_dir} ({report['seconds']:.0f}s)")
 
 
 def import_openai_dvae(cfg, workdir: str) -> None:

@@ -13,7 +13,12 @@ export DALLE_JAX_DATA_DIR=${DALLE_JAX_DATA_DIR:-$(pwd)/data}
 dvae=configs/dvae_shapes.py:size=tiny
 transformer=configs/transformer_shapes.py:size=tiny,tokens=$workdir/dvae/tokens
 start=$(date +%s)
-stage() { echo; echo "== $1 ($(( $(date +%s) - start ))s)"; }
+# Each stage's name and start time, for the summary at the end.
+times=()
+stage() {
+  times+=("$(date +%s)" "$1")
+  echo; echo "== $1 ($(( $(date +%s) - start ))s)"
+}
 stage "prepare the shapes dataset"
 "$here/local.sh" prepare "$dvae" "$workdir/dvae"
 stage "preview the input pipeline"
@@ -31,9 +36,15 @@ stage "train the contrastive scorer (for reranking)"
 stage "sample, rerank and check the images against their captions"
 "$here/local.sh" sample "$transformer" "$workdir/transformer" "--config.sample.rerank=$workdir/clip"
 stage "done"
-"${PYTHON:-$here/../.venv/bin/python}" - "$workdir" <<'PY'
+"${PYTHON:-$here/../.venv/bin/python}" - "$workdir" "${times[@]}" <<'PY'
 import json, sys
-w = sys.argv[1]
+w, marks = sys.argv[1], sys.argv[2:]
+stages = [(marks[i + 1], int(marks[i + 2]) - int(marks[i])) for i in range(0, len(marks) - 2, 2)]
+print(f"{'stage':<52}{'time':>8}")
+for name, secs in stages:
+    print(f"  {name:<50}{f'{secs // 60}m{secs % 60:02d}s':>8}")
+total = sum(s for _, s in stages)
+print(f"  {'all':<50}{f'{total // 60}m{total % 60:02d}s':>8}\n")
 with open(f"{w}/transformer/samples/report.json") as f:
     match = json.load(f).get("caption_match", {})
 rows = [("validation", "in-distribution objects"), ("test_compositional", "held-out objects")]

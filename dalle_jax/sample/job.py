@@ -267,13 +267,16 @@ def run(cfg, workdir: str) -> None:
     with metrics_lib.MetricWriter(out_dir) as writer:
         writer.write_images(int(sampler.sources["transformer"].get("step") or 0), grids)
     _write_json(report_path, report)
-    brief = {k: v for k, v in report.items() if k not in ("prompts", "settings", "sources")}
+    print(f"{len(prompts)} prompts x {keep} of {n} candidates"
+          + (", reranked" if scorer is not None else "")
+          + f" in {seconds:.0f}s: {report['grid']}; report: {report_path}")
     if evaluation:
         from dalle_jax.evals import caption_match
 
-        brief["caption_match"] = {k: caption_match.headline(v)
-                                  for k, v in report["caption_match"].items()}
-    print(json.dumps(brief, indent=2, default=str))
+        for split, summary in report["caption_match"].items():
+            figures = ", ".join(f"{k} {100 * v:.1f}%" for k, v in
+                                caption_match.headline(summary).items() if v is not None)
+            print(f"caption match on {split}: {figures}")
 
 
 def _caption_match(cfg, sampler, scorer, seed: int, bs: int) -> dict:
