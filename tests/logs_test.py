@@ -118,7 +118,8 @@ def test_job_console_is_short_and_log_file_has_details(tmp_path):
     assert f"prepare in {tmp_path}/w: 1 process" in console
     assert "Unable to initialize backend" not in console
     assert "jobs.py" not in console and "] prepared:" not in console  # no absl INFO lines
-    assert '"splits"' in out.stdout  # the job's summary
+    assert "report: " in out.stdout and "prepare_report.json" in out.stdout  # its summary
+    assert '"splits"' not in out.stdout  # one line, not the report's JSON
     text = log_file.read_text()
     assert "] prepared: " in text and "main.py" in text
     # On a machine without a TPU, JAX's probe for one is in the file only.
