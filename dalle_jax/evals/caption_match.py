@@ -165,11 +165,19 @@ def dvae_export_for(cfg) -> str:
                           "the dVAE next to the token directory")
 
 
+def load_image_tokenizer(ctx) -> None:
+    """Loads the dVAE that decodes the run's image tokens into ``ctx.image_tokenizer``,
+    unless the context has it (or a sampler that carries it) already."""
+    from dalle_jax.tokenizers import image_tokenizer
+
+    if ctx.image_tokenizer is None and ctx.sampler is None:
+        ctx.image_tokenizer = image_tokenizer.ImageTokenizer.load(dvae_export_for(ctx.cfg))
+
+
 def sampler_for(ctx, params, sampling) -> Any:
     """A `Sampler` over ``params`` of the context's transformer (the context's own sampler
     when it holds these very parameters)."""
     from dalle_jax.sample import sampler as sampler_lib
-    from dalle_jax.tokenizers import image_tokenizer
 
     s = ctx.sampler
     if s is not None and params is s.params:
@@ -178,8 +186,7 @@ def sampler_for(ctx, params, sampling) -> Any:
         return s.with_params(params).with_sampling(sampling)
     if ctx.model is None or ctx.text_tokenizer is None:
         raise ValueError("sampling needs the transformer and its text tokenizer")
-    if ctx.image_tokenizer is None:
-        ctx.image_tokenizer = image_tokenizer.ImageTokenizer.load(dvae_export_for(ctx.cfg))
+    load_image_tokenizer(ctx)
     from dalle_jax import sharding
 
     ctx.sampler = sampler_lib.Sampler(
@@ -247,11 +254,7 @@ class CaptionMatchEvaluator(registry.Evaluator):
         self._scorer = None
 
     def prepare(self) -> None:
-        from dalle_jax.tokenizers import image_tokenizer
-
-        if self.ctx.image_tokenizer is None and self.ctx.sampler is None:
-            self.ctx.image_tokenizer = image_tokenizer.ImageTokenizer.load(
-                dvae_export_for(self.ctx.cfg))
+        load_image_tokenizer(self.ctx)
         if self.rerank_n:
             self.scorer()
 

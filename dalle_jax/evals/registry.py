@@ -29,6 +29,7 @@ Registering a new evaluator::
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 import time
@@ -87,7 +88,7 @@ class EvalContext:
             raise ValueError(f"evaluation subject must be one of {SUBJECTS}, got {self.subject!r}")
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
     """Base class: keeps the section's name, settings and context.
 
     Subclasses set ``subject`` and implement ``__call__(params, step) -> dict``; an
@@ -109,8 +110,9 @@ class Evaluator:
     def setting(self, key: str, default: Any) -> Any:
         return self.section.get(key, default) if hasattr(self.section, "get") else default
 
+    @abc.abstractmethod
     def __call__(self, params: Any, step: int) -> dict[str, float]:
-        raise NotImplementedError
+        """The metrics of ``params`` at training step ``step``."""
 
 
 def register(type_name: str, *, subject: str) -> Callable[[type], type]:

@@ -72,11 +72,7 @@ class ShapesFidEvaluator(registry.Evaluator):
                 raise ValueError(f"evals.{name}.features='scorer' needs evals.{name}.scorer")
 
     def prepare(self) -> None:
-        from dalle_jax.tokenizers import image_tokenizer
-
-        if self.ctx.image_tokenizer is None and self.ctx.sampler is None:
-            self.ctx.image_tokenizer = image_tokenizer.ImageTokenizer.load(
-                caption_match.dvae_export_for(self.ctx.cfg))
+        caption_match.load_image_tokenizer(self.ctx)
         self.extractor()
 
     # ------------------------------------------------------------------ features
