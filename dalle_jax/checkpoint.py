@@ -43,6 +43,25 @@ def diff_dicts(saved: Any, current: Any, prefix: str = "", *,
     return out
 
 
+def saved_with_settings(path: str, settings: dict, *, what: str, override: str) -> dict | None:
+    """The JSON record at ``path`` when it was written with ``settings`` (a rerun then has
+    nothing to do), None when there is none; raises FileExistsError naming the differing
+    settings (``what``: e.g. "samples made with"; ``override``: the config field that
+    writes elsewhere) when it was written with others, so nothing saved is overwritten."""
+    import json
+
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("settings") == settings:
+        return old
+    diff = diff_dicts(old.get("settings") or {}, settings, names=("saved", "now"))
+    raise FileExistsError(
+        f"{os.path.dirname(path)} holds {what} other settings ({'; '.join(diff[:6])}); set "
+        f"--config.{override} to write elsewhere, or remove that directory")
+
+
 def _norm(v):
     if isinstance(v, (list, tuple)):
         return [_norm(x) for x in v]

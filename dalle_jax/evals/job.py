@@ -107,16 +107,11 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                          f"(sections: {sorted(cfg.evals.keys())})")
     settings = _settings(cfg, export, suite.names())
     results_path = os.path.join(out_dir, "results.json")
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            old = json.load(f)
-        if old.get("settings") == settings:
-            print(f"already evaluated with these settings: {results_path}")
-            return old
-        diff = checkpoint.diff_dicts(old.get("settings") or {}, settings, names=("saved", "now"))
-        raise FileExistsError(
-            f"{out_dir} holds results of other settings ({'; '.join(diff[:6])}); set "
-            "--config.evaluate.out_dir to write elsewhere, or remove that directory")
+    old = checkpoint.saved_with_settings(results_path, settings, what="results of",
+                                         override="evaluate.out_dir")
+    if old is not None:
+        print(f"already evaluated with these settings: {results_path}")
+        return old
 
     metrics: dict[str, float] = {}
     skipped: dict[str, str] = {}

@@ -138,16 +138,10 @@ def run(cfg, workdir: str) -> None:
     out_dir = str(s.get("out_dir", "")) or os.path.join(workdir, "samples")
     settings = settings_of(cfg, prompts, export, dvae_dir)
     report_path = os.path.join(out_dir, "report.json")
-    if os.path.exists(report_path):
-        with open(report_path) as f:
-            old = json.load(f).get("settings")
-        if old == settings:
-            print(f"samples already written for these settings: {report_path}")
-            return
-        diff = checkpoint.diff_dicts(old or {}, settings, names=("saved", "now"))
-        raise FileExistsError(
-            f"{out_dir} holds samples made with other settings ({'; '.join(diff[:6])}); "
-            "set --config.sample.out_dir to write elsewhere, or remove that directory")
+    if checkpoint.saved_with_settings(report_path, settings, what="samples made with",
+                                      override="sample.out_dir") is not None:
+        print(f"samples already written for these settings: {report_path}")
+        return
 
     sampler = _load_sampler(cfg, workdir, export, dvae_dir)
     if sampler.sampling != sampling:
