@@ -159,14 +159,15 @@ def sample(captions, **overrides) -> mlc.ConfigDict:
     token directory. keep 0: write all candidates. rerank "": no scorer (else a
     `--job=train_clip` / `--job=import_clip` export). keep_rows -1: the paper's 15 of 32
     token rows, scaled to the grid. eval_*: the `shapes` caption match (eval_rerank N for
-    best-of-N reranked, eval_guidance s for guided; 0 / 1 leave them out).
+    best-of-N reranked, eval_guidance s for guided; 0 / 1 leave them out;
+    eval_rerank_guidance s draws the reranked candidates with guidance s, 1: unguided).
     """
     c = mlc.ConfigDict(dict(
         params="", dvae_params="", captions=tuple(captions), prompts_file="",
         num_candidates=8, keep=0, seed=0, temperature=1.0, top_k=0, top_p=1.0, guidance=1.0,
         rerank="", rerank_chunk=64, batch_size=64, complete_image="", keep_rows=-1,
         out_dir="", eval_captions=0, eval_splits="validation", eval_rerank=0,
-        eval_guidance=1.0))
+        eval_guidance=1.0, eval_rerank_guidance=1.0))
     for k, v in overrides.items():
         if k not in c:
             raise KeyError(f"sample has no field {k!r}")

@@ -150,7 +150,8 @@ def test_training_runs_the_caption_match_evaluator(trained):
 
 def _evaluate_cfg(cfg, workdir, scorer, **fid_kw):
     cfg = mlc.ConfigDict(cfg.to_dict())
-    cfg.evals.caption_match.update(every=0, rerank=2, scorer=scorer, guidance=2.0)
+    cfg.evals.caption_match.update(every=0, rerank=2, scorer=scorer, guidance=2.0,
+                                   rerank_guidance=2.0)
     cfg.evals.fid.update(num_images=8, batch_size=4, scorer=scorer, **fid_kw)
     cfg.evaluate.params = workdir
     return cfg
@@ -191,6 +192,8 @@ def test_evaluate_job_on_a_transformer_export(trained, tmp_path, monkeypatch):
     rows = metrics_lib.read_jsonl(os.path.join(d, "metrics.jsonl"))
     assert rows[2]["eval/caption_match/validation/guided"] == m["caption_match/validation/guided"]
     assert os.path.isfile(os.path.join(d, "caption_match_validation_0000002.png"))
+    with open(os.path.join(d, "caption_match_0000002.json")) as f:
+        assert json.load(f)["validation"]["reranked"]["guidance"] == 2.0  # rerank_guidance
     # Run again with the same settings: nothing is redone or rewritten.
     mtime = os.path.getmtime(os.path.join(d, "results.json"))
     jobs.JOBS["evaluate"](ecfg, out)

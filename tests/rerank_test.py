@@ -119,3 +119,61 @@ def test_reported_caption_match_refuses_the_checker_as_its_own_reranker():
         caption_match.evaluate_split(_sampler(), [{"caption": "c1", "image_tokens": None}],
                                      seed=0, batch_size=4, grid=GRID,
                                      scorer=scorer_lib.ShapesCheckerScorer(), rerank_n=4)
+
+
+def test_caption_match_reranks_the_candidates_of_its_rerank_sampler():
+    import dataclasses
+
+    from dalle_jax.evals import caption_match
+
+    class BigDVAE(_FakeDVAE):  # the checker needs images of at least 16 pixels a side
+        def decode(self, tokens):
+            img = super().decode(tokens)
+            return np.repeat(np.repeat(img, 8, axis=1), 8, axis=2)
+
+    s = smp.Sampler(TINY, _params(TINY), _FakeTextTokenizer(), BigDVAE())
+    guided = s.with_sampling(dataclasses.replace(s.sampling, guidance=2.0))
+    caps = ["c1", "c2"]
+    examples = [{"caption": c, "image_tokens": np.zeros((GRID * GRID,), np.int32)} for c in caps]
+
+    def reranked(**kw):
+        summary, _ = caption_match.evaluate_split(s, examples, seed=3, batch_size=8, grid=GRID,
+                                                  scorer=_BrightnessScorer(), rerank_n=4, **kw)
+        return summary["reranked"]
+
+    def best_score(sampler):
+        kept = best_of_lib.best_of(sampler, _BrightnessScorer(), caps, num_candidates=4,
+                                   keep=1, seed=3, batch_size=8)
+        return float(kept.scores.mean())
+
+    plain, from_guided = reranked(), reranked(rerank_sampler=guided)
+    assert plain["guidance"] == 1.0 and from_guided["guidance"] == 2.0
+    assert plain["mean_score"] == pytest.approx(best_score(s))
+    assert from_guided["mean_score"] == pytest.approx(best_score(guided))
+    assert best_score(s) != pytest.approx(best_score(guided))  # the draws differ
+
+
+def test_sample_jobs_caption_match_draws_single_samples_unguided(monkeypatch):
+    import dataclasses
+
+    import ml_collections as mlc
+
+    from dalle_jax.evals import caption_match
+    from dalle_jax.sample import job as sample_job
+
+    seen = {}
+
+    def fake_run_splits(sampler, tokens_dir, splits, **kw):
+        seen.update(kw, guidance_of_single=sampler.sampling.guidance)
+        return {}
+
+    monkeypatch.setattr(caption_match, "run_splits", fake_run_splits)
+    cfg = mlc.ConfigDict(dict(
+        data=dict(tokens_dir="unused"),
+        sample=dict(eval_splits="validation", eval_captions=3, eval_rerank=0,
+                    eval_guidance=2.0, eval_rerank_guidance=3.0)))
+    s = _sampler()
+    guided = s.with_sampling(dataclasses.replace(s.sampling, guidance=2.5))  # sample.guidance
+    sample_job._caption_match(cfg, guided, None, 0, 4)
+    assert seen["guidance_of_single"] == 1.0
+    assert seen["guidance"] == 2.0 and seen["rerank_guidance"] == 3.0

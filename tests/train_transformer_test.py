@@ -433,7 +433,8 @@ def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(shapes_token_dir
     scorer = _tiny_scorer_export(str(tmp_path / "scorer"), tokenizer.path)
     cfg.sample.update(dvae_params=dvae_export, captions=("a red circle",), num_candidates=2,
                       batch_size=4, eval_captions=5, eval_splits="validation",
-                      rerank=scorer, eval_rerank=3, eval_guidance=2.0)
+                      rerank=scorer, eval_rerank=3, eval_guidance=2.0,
+                      eval_rerank_guidance=1.5)
     jobs.sample(cfg, workdir)
     with open(os.path.join(workdir, "samples", "report.json")) as f:
         report = json.load(f)
@@ -443,6 +444,7 @@ def test_sample_job_scores_shapes_captions_and_the_dvae_ceiling(shapes_token_dir
     assert report["sources"]["scorer"]["kind"] == "clip"
     match = report["caption_match"]["validation"]
     assert match["reranked"]["n"] == 3 and match["reranked"]["count"] == 5
+    assert match["reranked"]["guidance"] == 1.5  # candidates drawn with eval_rerank_guidance
     assert match["reranked"]["scorer"]["source"] == "trained"
     assert match["guided"]["scale"] == 2.0 and match["guided"]["count"] == 5
     assert len(report["prompts"][0]["images"]) == 2

@@ -98,9 +98,12 @@ def table(dvae: dict[str, Any], seeds: Sequence[dict[str, Any]],
         settings = r.get("settings", {}).get("evals", {})
         cm = next((v for v in settings.values() if v.get("type") == "caption_match"), None)
         if cm:
+            rg = float(cm.get("rerank_guidance", 1.0))
+            drawn = "unguided" if rg == 1.0 else f"drawn with guidance scale {rg:g}"
             notes.append(f"Caption match: the first {cm.get('captions')} captions of each split, "
                          f"temperature {cm.get('temperature')}, best of {cm.get('rerank')} "
-                         f"reranked, guidance scale {cm.get('guidance')}.")
+                         f"reranked (candidates {drawn}), guidance scale "
+                         f"{cm.get('guidance')} for single guided samples.")
         fd = next((v for v in settings.values() if v.get("type") == "shapes_fid"), None)
         if fd:
             notes.append(f"FID: {fd.get('num_images')} images of {fd.get('split')}.")

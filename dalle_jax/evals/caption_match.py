@@ -6,7 +6,9 @@ in-distribution objects; ``test_compositional``: objects never seen in training)
 
 * ``best_of_1``: one sample per caption, as drawn;
 * ``reranked``: the best of N samples per caption by a *learned* scorer (a contrastive
-  model, never the checker itself, which would grade its own choice);
+  model, never the checker itself, which would grade its own choice); the candidates are
+  drawn unguided, or with classifier-free guidance at ``rerank_guidance`` (recorded as
+  the entry's ``guidance``);
 * ``guided``: one classifier-free guided sample per caption;
 * ``dvae_reconstruction``: the dVAE's reconstructions of the real images (their tokens,
   decoded), the ceiling the dVAE sets for any sampler.
@@ -35,7 +37,8 @@ def _summary(images: np.ndarray, captions: Sequence[str]) -> dict[str, Any]:
 
 def evaluate_split(sampler, examples: Sequence[dict], *, seed: int, batch_size: int,
                    grid: int, scorer=None, rerank_n: int = 0, rerank_chunk: int = 64,
-                   guided_sampler=None, progress: Callable[[int], None] | None = None
+                   guided_sampler=None, rerank_sampler=None,
+                   progress: Callable[[int], None] | None = None
                    ) -> tuple[dict[str, Any], np.ndarray]:
     """Caption match of ``examples`` (token-source rows with ``caption`` and
     ``image_tokens``) under each way of sampling that is configured.
@@ -50,6 +53,8 @@ def evaluate_split(sampler, examples: Sequence[dict], *, seed: int, batch_size: 
         rerank_n: candidates per caption for ``reranked`` (0: not reported).
         rerank_chunk: candidates per caption drawn and scored at a time.
         guided_sampler: a `Sampler` with guidance for ``guided`` (None: not reported).
+        rerank_sampler: the `Sampler` that draws the ``reranked`` candidates (None:
+            ``sampler``, unguided).
         progress: called with the number of sequences drawn after each sampling call.
 
     Returns:
@@ -68,11 +73,13 @@ def evaluate_split(sampler, examples: Sequence[dict], *, seed: int, batch_size: 
     images = sampler.images(toks, batch_size=batch_size)[:, 0]
     out["best_of_1"] = _summary(images, caps)
     if scorer is not None and rerank_n > 0:
-        kept = best_of_lib.best_of(sampler, scorer, caps, num_candidates=rerank_n, keep=1,
+        candidates = rerank_sampler if rerank_sampler is not None else sampler
+        kept = best_of_lib.best_of(candidates, scorer, caps, num_candidates=rerank_n, keep=1,
                                    seed=seed, chunk=rerank_chunk, batch_size=batch_size,
                                    progress=progress)
         out["reranked"] = dict(_summary(kept.images[:, 0], caps), n=rerank_n,
-                               scorer=scorer.identity())
+                               scorer=scorer.identity(),
+                               guidance=float(candidates.sampling.guidance))
         out["reranked"]["mean_score"] = float(kept.scores.mean())
     if guided_sampler is not None:
         gtoks = guided_sampler.tokens(caps, num_candidates=1, seed=seed, batch_size=batch_size,
@@ -115,11 +122,13 @@ def check_shapes_tokens(tokens_dir: str) -> None:
 
 def run_splits(sampler, tokens_dir: str, splits: Sequence[str], *, captions: int, seed: int,
                batch_size: int, scorer=None, rerank_n: int = 0, rerank_chunk: int = 64,
-               guidance: float = 1.0, progress_bar: Callable | None = None
+               guidance: float = 1.0, rerank_guidance: float = 1.0,
+               progress_bar: Callable | None = None
                ) -> dict[str, tuple[dict[str, Any], np.ndarray, list[str]]]:
     """Caption match of the first ``captions`` examples of each split (`evaluate_split`).
 
-    ``guidance`` != 1 adds the ``guided`` entry; ``progress_bar(total, desc)`` returns
+    ``guidance`` != 1 adds the ``guided`` entry; ``rerank_guidance`` != 1 draws the
+    ``reranked`` candidates with that guidance scale; ``progress_bar(total, desc)`` returns
     ``(update, close)`` for a progress display (None: none).
 
     Returns ``{split: (summary, best-of-1 images, captions)}``.
@@ -129,10 +138,17 @@ def run_splits(sampler, tokens_dir: str, splits: Sequence[str], *, captions: int
 
     from dalle_jax.data.tokens import TokenSource
 
-    guided = None
-    if float(guidance) != 1.0:
-        guided = sampler.with_sampling(dataclasses.replace(sampler.sampling,
-                                                           guidance=float(guidance)))
+    def with_guidance(scale: float):
+        if scale == 1.0:
+            return None
+        return sampler.with_sampling(dataclasses.replace(sampler.sampling, guidance=scale))
+
+    if float(guidance) < 0 or float(rerank_guidance) < 0:
+        raise ValueError(f"guidance scales must be >= 0; got guidance={guidance}, "
+                         f"rerank_guidance={rerank_guidance}")
+    guided = with_guidance(float(guidance))
+    rerank_sampler = (guided if float(rerank_guidance) == float(guidance)
+                      else with_guidance(float(rerank_guidance)))
     out = {}
     for split in splits:
         source = TokenSource(str(tokens_dir), split)
@@ -145,7 +161,7 @@ def run_splits(sampler, tokens_dir: str, splits: Sequence[str], *, captions: int
             summary, images = evaluate_split(
                 sampler, examples, seed=seed, batch_size=batch_size, grid=source.grid,
                 scorer=scorer, rerank_n=rerank_n, rerank_chunk=rerank_chunk,
-                guided_sampler=guided, progress=update)
+                guided_sampler=guided, rerank_sampler=rerank_sampler, progress=update)
         finally:
             close()
         summary["seconds"] = round(time.time() - t0, 2)
@@ -218,7 +234,8 @@ class CaptionMatchEvaluator(registry.Evaluator):
     ``cfg.sample`` when absent), ``rerank`` (candidates per caption reranked by the learned
     scorer at ``scorer``; 0: not measured), ``rerank_chunk``, ``scorer`` (a scorer export
     or ``train_clip`` run directory), ``guidance`` (scale of the ``guided`` entry; 1: not
-    measured), ``grid_examples`` (best-of-1 images in each split's PNG).
+    measured), ``rerank_guidance`` (guidance scale of the reranked candidates; 1:
+    unguided), ``grid_examples`` (best-of-1 images in each split's PNG).
 
     Metrics: ``caption_match/<split>/<entry>`` = the matched fraction of each entry.
     Writes ``caption_match_<step>.json`` (the full summaries) and
@@ -240,11 +257,13 @@ class CaptionMatchEvaluator(registry.Evaluator):
         self.rerank_n = int(self.setting("rerank", 0))
         self.rerank_chunk = int(self.setting("rerank_chunk", 64))
         self.guidance = float(self.setting("guidance", 1.0))
+        self.rerank_guidance = float(self.setting("rerank_guidance", 1.0))
         self.grid_examples = int(self.setting("grid_examples", 32))
-        if self.rerank_n < 0 or self.batch_size < 1 or self.guidance < 0:
-            raise ValueError(f"evals.{name}: rerank must be >= 0, batch_size >= 1 and "
-                             f"guidance >= 0; got {self.rerank_n}, {self.batch_size}, "
-                             f"{self.guidance}")
+        if (self.rerank_n < 0 or self.batch_size < 1 or self.guidance < 0
+                or self.rerank_guidance < 0):
+            raise ValueError(f"evals.{name}: rerank must be >= 0, batch_size >= 1, guidance "
+                             f"and rerank_guidance >= 0; got {self.rerank_n}, "
+                             f"{self.batch_size}, {self.guidance}, {self.rerank_guidance}")
         self.sampling = sampling_of(cfg, section)
         self.scorer_path = str(self.setting("scorer", ""))
         if self.rerank_n and not self.scorer_path:
@@ -274,7 +293,8 @@ class CaptionMatchEvaluator(registry.Evaluator):
                          captions=self.captions, seed=self.seed, batch_size=self.batch_size,
                          scorer=self.scorer() if self.rerank_n else None,
                          rerank_n=self.rerank_n, rerank_chunk=self.rerank_chunk,
-                         guidance=self.guidance, progress_bar=progress_bar)
+                         guidance=self.guidance, rerank_guidance=self.rerank_guidance,
+                         progress_bar=progress_bar)
         for split, (_, images, caps) in out.items():
             self.ctx.cache[("best_of_1", split, self.seed, self.sampling)] = (images, caps)
         return out

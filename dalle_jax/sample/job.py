@@ -29,8 +29,8 @@ overwritten: the job stops and names the differing settings.
 
 On `shapes` token data the report also holds the caption match of the first
 ``eval_captions`` captions of each split in ``eval_splits`` (`dalle_jax.evals.caption_match`):
-best-of-1, best-of-``eval_rerank`` reranked by the scorer, and guided at
-``eval_guidance``.
+best-of-1, best-of-``eval_rerank`` reranked by the scorer (candidates drawn with guidance
+``eval_rerank_guidance``; 1: unguided), and guided at ``eval_guidance``.
 """
 
 from __future__ import annotations
@@ -274,9 +274,16 @@ def run(cfg, workdir: str) -> None:
 
 
 def _caption_match(cfg, sampler, scorer, seed: int, bs: int) -> dict:
-    """``split -> (summary, best-of-1 images, captions)`` of the shapes caption match."""
+    """``split -> (summary, best-of-1 images, captions)`` of the shapes caption match.
+
+    Single samples are drawn unguided whatever ``sample.guidance`` is; the guided entries
+    follow ``eval_guidance`` and ``eval_rerank_guidance``."""
+    import dataclasses
+
     from dalle_jax.evals import caption_match
 
+    if sampler.sampling.guidance != 1.0:
+        sampler = sampler.with_sampling(dataclasses.replace(sampler.sampling, guidance=1.0))
     s = cfg.sample
     rerank_n = int(s.get("eval_rerank", 0))
     if rerank_n and scorer is None:
@@ -286,4 +293,5 @@ def _caption_match(cfg, sampler, scorer, seed: int, bs: int) -> dict:
         sampler, str(cfg.data.tokens_dir), caption_match.split_names(s.eval_splits),
         captions=int(s.eval_captions), seed=seed, batch_size=bs, scorer=scorer,
         rerank_n=rerank_n, rerank_chunk=int(s.get("rerank_chunk", 64)),
-        guidance=float(s.get("eval_guidance", 1.0)), progress_bar=_progress_bar)
+        guidance=float(s.get("eval_guidance", 1.0)),
+        rerank_guidance=float(s.get("eval_rerank_guidance", 1.0)), progress_bar=_progress_bar)
