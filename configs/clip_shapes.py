@@ -34,7 +34,9 @@ of CLIP's recipe:
 The images are not augmented (``data.augment = "none"``): a random flip would swap left
 and right, and the scenes need no crops. The rest is CLIP's recipe (symmetric InfoNCE,
 learned temperature capped at 100, AdamW with linear warm-up and cosine decay, no weight
-decay on gains, biases and embeddings), sized to train in a few minutes on 2 CPU cores.
+decay on gains, biases and embeddings), sized to train in about 5 minutes on 2 CPU cores:
+1,200 steps, where 600 reranked 4-6 points worse on the same candidates (two scorer
+seeds, docs/experiments.md).
 
 Evaluation (every ``eval_every`` steps and at the end, on the first
 ``evals.clip.num_examples`` images of ``validation`` and ``test_compositional``): the
@@ -55,7 +57,7 @@ from dalle_jax import configlib
 VARIANTS = {
     "tiny": dict(data="tiny", embed_dim=64, patch_size=8, vision_width=64, vision_layers=2,
                  vision_heads=4, context_length=16, text_width=64, text_layers=2,
-                 text_heads=4, steps=600, batch=64, lr=2e-3, negatives=4, position_scale=8.0),
+                 text_heads=4, steps=1200, batch=64, lr=2e-3, negatives=4, position_scale=8.0),
 }
 
 

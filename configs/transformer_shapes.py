@@ -27,7 +27,8 @@ synthetic captions:
   starts to follow the caption varied by hundreds of steps between seeds.
 
 Not in the paper: a tenth of the captions are dropped in training
-(`text.caption_dropout`), so that sampling can use classifier-free guidance.
+(`text.caption_dropout`), so that sampling can use classifier-free guidance; the caption
+match reranks guided candidates (`eval_rerank_guidance`).
 
 Sampling uses temperature 0.7 (`sample.temperature`; no top-k / top-p): a model this
 small spreads probability over codes it has not learned to place, and sharpening the
@@ -37,8 +38,8 @@ caption-match figures behind these choices are in docs/experiments.md.
 Results land in WORKDIR/metrics.jsonl and WORKDIR/exports/step_N; `sample` writes
 WORKDIR/samples/ (a grid for DEMO_CAPTIONS and the caption-match rates for validation
 captions (in-distribution objects) and test_compositional captions (held-out objects):
-single samples, best of `eval_rerank` reranked by `sample.rerank`, guided at
-`eval_guidance`).
+single samples, best of `eval_rerank` guided candidates reranked by `sample.rerank`,
+single samples guided at `eval_guidance`).
 """
 
 import common  # noqa: I001
@@ -106,15 +107,18 @@ def get_config(arg=None):
         caption_match=dict(type="caption_match", every=0, captions=200,
                            splits="validation,test_compositional", seed=0, batch_size=64,
                            temperature=0.7, rerank=16, rerank_chunk=64, scorer="",
-                           guidance=2.0, grid_examples=32),
+                           guidance=2.0, rerank_guidance=2.0, grid_examples=32),
         fid=dict(type="shapes_fid", every=0, split="validation", num_images=500, seed=0,
                  batch_size=64, temperature=0.7, features="auto", inception_weights="",
                  scorer=""),
     )
     c.evaluate = common.evaluate()
     # eval_rerank: with a scorer (sample.rerank), the caption match of the best of 16
-    # candidates; eval_guidance: of single samples with classifier-free guidance.
-    c.sample = common.sample(DEMO_CAPTIONS, temperature=0.7, eval_captions=200,
+    # candidates, drawn with guidance eval_rerank_guidance (guided candidates match their
+    # caption more often, and the scorer then picks among better ones); eval_guidance: of
+    # single samples with classifier-free guidance.
+    # The demo grid's candidates are guided too (guidance), as the reranked ones are.
+    c.sample = common.sample(DEMO_CAPTIONS, temperature=0.7, guidance=2.0, eval_captions=200,
                              eval_splits="validation,test_compositional", eval_rerank=16,
-                             eval_guidance=2.0)
+                             eval_guidance=2.0, eval_rerank_guidance=2.0)
     return c

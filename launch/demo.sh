@@ -4,8 +4,8 @@
 # Stages: prepare the dataset -> preview the input pipeline -> train the tiny dVAE ->
 # pre-encode every split into image tokens -> train the caption BPE -> train the tiny
 # transformer -> train the contrastive scorer -> sample images for fixed captions, rerank
-# them, and score how many match their captions (single samples, best of 16 reranked,
-# guided). Every stage skips work that is already done, so rerunning is cheap.
+# them, and score how many match their captions (single samples, best of 16 guided
+# candidates reranked, single guided samples). Every stage skips work that is already done, so rerunning is cheap.
 set -euo pipefail
 workdir=${1:-runs/demo}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -48,8 +48,10 @@ print(f"  {'all':<50}{f'{total // 60}m{total % 60:02d}s':>8}\n")
 with open(f"{w}/transformer/samples/report.json") as f:
     match = json.load(f).get("caption_match", {})
 rows = [("validation", "in-distribution objects"), ("test_compositional", "held-out objects")]
+scale = next((m.get("reranked", {}).get("guidance") for m in match.values()), None)
+best = "best of 16, reranked" + (f" (guided {scale:g})" if scale not in (None, 1.0) else "")
 print("caption match (the shapes checker)     " + "  ".join(f"{r[1]:>24}" for r in rows))
-for key, what in [("best_of_1", "single samples"), ("reranked", "best of 16, reranked"),
+for key, what in [("best_of_1", "single samples"), ("reranked", best),
                   ("guided", "single samples, guided"), ("dvae_reconstruction", "dVAE ceiling")]:
     vals = [match.get(split, {}).get(key, {}).get("fraction") for split, _ in rows]
     if any(v is not None for v in vals):

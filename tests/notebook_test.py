@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from dalle_jax import exports, jobs
+from dalle_jax import configlib, exports, jobs
 from dalle_jax.models import clip
 from dalle_jax.train import clip_task
 
@@ -51,7 +51,12 @@ def test_sample_notebook_runs_end_to_end(token_dir, tokenizer, dvae_export, tmp_
     nb = nbformat.read(NOTEBOOK, as_version=4)
     cell = _parameters_cell(nb)
     # The notebook's own defaults must be the demo's paths (what a CPU runtime loads).
-    assert "runs/demo/transformer/exports/step_0002000" in cell.source
+    def demo_steps(config):
+        return configlib.load_config(os.path.join(ROOT, "configs", config)).total_steps
+
+    assert (f"runs/demo/transformer/exports/step_{demo_steps('transformer_shapes.py'):07d}"
+            in cell.source)
+    assert f"runs/demo/clip/exports/step_{demo_steps('clip_shapes.py'):07d}" in cell.source
     cell.source = "\n".join([
         'REPO = ""',
         f"TRANSFORMER_EXPORT = {transformer!r}",
