@@ -52,7 +52,6 @@ behind these choices are in docs/experiments.md.
 
 import common  # noqa: I001
 
-from dalle_jax import configlib
 
 VARIANTS = {
     "tiny": dict(data="tiny", embed_dim=64, patch_size=8, vision_width=64, vision_layers=2,
@@ -62,15 +61,9 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, size="tiny", steps=0, batch=0,
-                              bpe="runs/demo/transformer/bpe.model")
-    configlib.check_choice("size", arg.size, VARIANTS)
-    v = VARIANTS[arg.size]
-    steps = arg.steps or v["steps"]
-    c = common.mlc.ConfigDict()
-    c.seed = 0
-    c.total_steps = steps
-    c.eval_every = max(1, steps // 2)
+    arg, v, c = common.sized_run(arg, VARIANTS, evaluations=2,
+                                 bpe="runs/demo/transformer/bpe.model")
+    steps = c.total_steps
     c.data = common.shapes_data(v["data"], batch_size=arg.batch or v["batch"], augment="none")
     c.model = dict(embed_dim=v["embed_dim"], image_size=c.data.image_size,
                    patch_size=v["patch_size"], vision_width=v["vision_width"],

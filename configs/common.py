@@ -9,6 +9,8 @@ import os
 
 import ml_collections as mlc
 
+from dalle_jax import configlib
+
 # Where prepared datasets live unless a config or --config.data.data_dir says otherwise.
 DEFAULT_DATA_DIR = os.environ.get("DALLE_JAX_DATA_DIR", os.path.join(os.getcwd(), "data"))
 
@@ -18,6 +20,25 @@ SHAPES_SIZES = {
     "small": (64, 100_000, 5_000, 5_000),
     "paper": (256, 100_000, 5_000, 5_000),
 }
+
+
+def sized_run(arg, variants: dict, *, evaluations: int, **defaults):
+    """The start of a config with ``size=`` variants: parses ``arg`` (``size`` (default
+    "tiny"), ``steps``, ``batch`` and the config's own ``defaults``), checks the size and
+    begins the config with the seed (0), the step count (``steps=`` or the variant's) and
+    ``eval_every`` (``evaluations`` evaluations per run).
+
+    Returns ``(arg, variant, config)``; a variant needs ``steps`` and ``batch``, and the
+    global batch is ``arg.batch or variant["batch"]``.
+    """
+    arg = configlib.parse_arg(arg, size="tiny", steps=0, batch=0, **defaults)
+    configlib.check_choice("size", arg.size, variants)
+    v = variants[arg.size]
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.total_steps = int(arg.steps or v["steps"])
+    c.eval_every = max(1, c.total_steps // evaluations)
+    return arg, v, c
 
 
 def shapes_data(size: str = "small", *, batch_size: int = 32, augment: str = "dvae") -> mlc.ConfigDict:

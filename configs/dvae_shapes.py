@@ -35,7 +35,6 @@ directory stage 2 trains on (WORKDIR/tokens).
 
 import common  # noqa: I001
 
-from dalle_jax import configlib
 
 # size -> (dataset size, model widths, steps, global batch, peak learning rate)
 VARIANTS = {
@@ -47,14 +46,8 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, size="tiny", steps=0, batch=0)
-    configlib.check_choice("size", arg.size, VARIANTS)
-    v = VARIANTS[arg.size]
-    steps = arg.steps or v["steps"]
-    c = common.mlc.ConfigDict()
-    c.seed = 0
-    c.total_steps = steps
-    c.eval_every = max(1, steps // 3)
+    arg, v, c = common.sized_run(arg, VARIANTS, evaluations=3)
+    steps = c.total_steps
     c.data = common.shapes_data(v["data"], batch_size=arg.batch or v["batch"], augment="dvae")
     c.model = dict(image_size=64, input_channels=3, group_count=4, n_hid=v["n_hid"],
                    n_blk_per_group=v["n_blk_per_group"], n_init=v["n_init"],

@@ -44,7 +44,6 @@ single samples guided at `eval_guidance`).
 
 import common  # noqa: I001
 
-from dalle_jax import configlib
 
 # The demo grid's captions: in-distribution singles and pairs, then captions naming the
 # held-out objects (yellow triangle, cyan circle, magenta square), never seen in training.
@@ -68,14 +67,8 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, size="tiny", steps=0, batch=0, tokens="runs/demo/dvae/tokens")
-    configlib.check_choice("size", arg.size, VARIANTS)
-    v = VARIANTS[arg.size]
-    steps = arg.steps or v["steps"]
-    c = common.mlc.ConfigDict()
-    c.seed = 0
-    c.total_steps = steps
-    c.eval_every = max(1, steps // 5)
+    arg, v, c = common.sized_run(arg, VARIANTS, evaluations=5, tokens="runs/demo/dvae/tokens")
+    steps = c.total_steps
     c.data = dict(tokens_dir=arg.tokens, train_split="train", eval_split="validation",
                   global_batch_size=arg.batch or v["batch"], seed=0, worker_count=0)
     # bpe_model "": WORKDIR/bpe.model, written by --job=train_bpe.
