@@ -6,9 +6,10 @@
 # and BPE; --config.seed=S --config.data.seed=S). Then --job=evaluate measures the dVAE
 # (reconstruction) and each seed's transformer: validation loss, caption match of every
 # caption of both evaluation splits (single samples, best of 16 guided candidates reranked
-# by that seed's scorer, single samples guided at scale 2) and the FID of samples against real images. The FID uses
-# the Inception weights of $DALLE_JAX_INCEPTION_WEIGHTS when set, else the scorer's image
-# features (labelled as such in the table). Writes WORKDIR/benchmark/shapes.md and .json;
+# by that seed's scorer, single samples guided at scale 2) and the FID of samples
+# against real images. The FID uses the Inception weights of
+# $DALLE_JAX_INCEPTION_WEIGHTS when set, else the scorer's image features (labelled as
+# such in the table). Writes WORKDIR/benchmark/shapes.md and .json;
 # each evaluation's results, pictures and JSON are in WORKDIR/benchmark/{dvae,seedS}/out.
 # Environment: CAPTIONS (per split, default 1000), FID_IMAGES (default 1000).
 set -euo pipefail

@@ -5,7 +5,8 @@
 # pre-encode every split into image tokens -> train the caption BPE -> train the tiny
 # transformer -> train the contrastive scorer -> sample images for fixed captions, rerank
 # them, and score how many match their captions (single samples, best of 16 guided
-# candidates reranked, single guided samples). Every stage skips work that is already done, so rerunning is cheap.
+# candidates reranked, single guided samples). Every stage skips work that is already
+# done, so rerunning is cheap.
 set -euo pipefail
 workdir=${1:-runs/demo}
 here=$(cd "$(dirname "$0")" && pwd)

@@ -143,9 +143,6 @@ def run_splits(sampler, tokens_dir: str, splits: Sequence[str], *, captions: int
             return None
         return sampler.with_sampling(dataclasses.replace(sampler.sampling, guidance=scale))
 
-    if float(guidance) < 0 or float(rerank_guidance) < 0:
-        raise ValueError(f"guidance scales must be >= 0; got guidance={guidance}, "
-                         f"rerank_guidance={rerank_guidance}")
     guided = with_guidance(float(guidance))
     rerank_sampler = (guided if float(rerank_guidance) == float(guidance)
                       else with_guidance(float(rerank_guidance)))
