@@ -38,7 +38,7 @@ decay on gains, biases and embeddings), sized to train in about 5 minutes on 2 C
 1,200 steps, where 600 reranked 4-6 points worse on the same candidates (two scorer
 seeds, docs/experiments.md).
 
-Evaluation (every ``eval_every`` steps and at the end, on the first
+Evaluation (``evals.clip``; every ``eval_every`` steps and at the end, on the first
 ``evals.clip.num_examples`` images of ``validation`` and ``test_compositional``): the
 share of images whose own caption scores above all ``evals.clip.negatives`` hard
 negatives, the accuracy against each kind of negative, and top-1 retrieval of the
@@ -87,6 +87,9 @@ def get_config(arg=None):
     c.precision = common.precision()
     c.ckpt = common.checkpointing(every=max(1, steps // 2))
     c.log = common.logging(every=50)
+    # Hard-negative accuracy and caption retrieval (dalle_jax.evals.clip_retrieval), every
+    # eval_every steps and at the end; --job=evaluate runs it on any scorer export.
     c.evals = dict(clip=dict(splits="validation,test_compositional", num_examples=500,
                              negatives=8, batch_size=250, seed=0))
+    c.evaluate = common.evaluate()
     return c

@@ -256,8 +256,8 @@ def test_shapes_fid_with_inception_weights(trained, torch_release, tmp_path):  #
 def test_evaluate_job_refuses_what_it_cannot_evaluate(trained, tmp_path):
     cfg, workdir, scorer = trained
     ecfg = _evaluate_cfg(cfg, workdir, scorer)
-    ecfg.evaluate.params = scorer  # a scorer export
-    with pytest.raises(ValueError, match="'clip' export; --job=evaluate takes a dVAE or transformer"):
+    ecfg.evaluate.params = scorer  # a scorer export, and no evals section evaluates one
+    with pytest.raises(ValueError, match="no enabled evals section for a scorer"):
         jobs.JOBS["evaluate"](ecfg, str(tmp_path / "a"))
     ecfg.evaluate.params = str(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="neither an export"):

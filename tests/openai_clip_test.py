@@ -394,6 +394,29 @@ def test_import_round_trip(tokenizer, merges_file, tmp_path):
     np.testing.assert_allclose(clip_scorer.embed_images(images), want_img, atol=1e-5)
     np.testing.assert_allclose(clip_scorer.embed_captions(captions), want_txt, atol=1e-5)
 
+    # --job=evaluate takes an imported scorer too: the `shapes` retrieval evaluator of
+    # configs/clip_shapes.py, with the export's own towers and tokenizer.
+    import os
+
+    from dalle_jax import configlib
+    from dalle_jax.data import sources
+    from dalle_jax.evals import job as eval_job
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = configlib.load_config(os.path.join(root, "configs", "clip_shapes.py"))
+    cfg.data.data_dir = str(tmp_path / "data")
+    cfg.data.shapes.update(image_size=16, num_train=16, num_validation=8, num_test=8)
+    cfg.data.image_size = 16
+    cfg.evals.clip.update(num_examples=8, negatives=2, batch_size=8)
+    cfg.evaluate.update(params=out, out_dir=str(tmp_path / "evaluation"))
+    sources.prepare(cfg.data)
+    record = eval_job.run(cfg, str(tmp_path / "run"))
+    assert record["kind"] == "scorer" and record["export"] == str(out_dir)
+    for split in ("validation", "test_compositional"):
+        assert record["metrics"][f"{split}/num_examples"] == 8
+        for k in ("retrieval_top1", "hard_negative_accuracy"):
+            assert 0.0 <= record["metrics"][f"{split}/{k}"] <= 1.0
+
     with pytest.raises(FileExistsError, match="not empty"):
         openai_clip.import_clip(str(ckpt), merges_file, str(out_dir))
     with pytest.raises(FileNotFoundError, match="missing.pt"):

@@ -205,3 +205,27 @@ def test_train_export_and_resume(data_dir, bpe_model, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert json.dumps(meta_b["retrieval"], sort_keys=True) == json.dumps(
         meta["retrieval"], sort_keys=True)
+
+
+def test_evaluate_job_reproduces_the_exports_retrieval(data_dir, bpe_model, tmp_path):
+    """--job=evaluate on a scorer export runs the evaluator training ran: the same figures
+    as the export's final evaluation, in WORKDIR/evaluate/step_N."""
+    from dalle_jax.evals import job as eval_job
+
+    cfg = _cfg(data_dir, bpe_model)
+    sources.prepare(cfg.data)
+    run = str(tmp_path / "run")
+    clip_task.train_clip(cfg, run)
+    meta = exports.read_meta(os.path.join(run, "exports", "step_0000004"))
+    cfg.evaluate.params = run
+    record = eval_job.run(cfg, run)
+    assert record["kind"] == "scorer" and record["step"] == 4
+    want = {k: v for k, v in meta["retrieval"].items() if k != "step"}
+    assert want and record["metrics"] == want
+    assert os.path.isfile(os.path.join(run, "evaluate", "step_0000004", "results.json"))
+
+    # Bad settings name the setting.
+    cfg.evals.clip.negatives = 0
+    cfg.evaluate.out_dir = str(tmp_path / "other")
+    with pytest.raises(ValueError, match="evals.clip.negatives must be >= 1"):
+        eval_job.run(cfg, run)

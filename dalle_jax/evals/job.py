@@ -3,8 +3,8 @@
 ``--job=evaluate`` reads ``evaluate.params`` (an export directory, or a run directory
 whose newest ``exports/step_N`` is taken; empty: WORKDIR's newest export) and runs every
 ``evals`` section that evaluates that kind of model (a dVAE export: ``recon``; a
-transformer export: ``val_loss``, ``caption_match``, ``shapes_fid``), or only the
-sections named in ``evaluate.only``. The ``every`` of a section plays no part here.
+transformer export: ``val_loss``, ``caption_match``, ``shapes_fid``; a scorer export,
+trained or imported: ``clip``), or only the sections named in ``evaluate.only``. The ``every`` of a section plays no part here.
 
 Outputs, in ``evaluate.out_dir`` (default ``WORKDIR/evaluate/step_N``): the evaluators'
 pictures and JSON, ``metrics.jsonl`` (one row, ``eval/<metric>`` at the export's step)
@@ -76,8 +76,20 @@ def _context(cfg, export: str, meta: dict, out_dir: str) -> tuple[registry.EvalC
             text_tokenizer=sampler.text_tokenizer, image_tokenizer=sampler.image_tokenizer,
             sampler=sampler)
         return ctx, sampler.params
+    if kind == "clip":
+        from dalle_jax import sharding
+        from dalle_jax.models import clip
+        from dalle_jax.rerank import scorer as scorer_lib
+
+        # The towers and tokenizer come from the export (its own config), the data and
+        # evaluation settings from the run config.
+        scorer = scorer_lib.ClipScorer.load(export, mesh=sharding.make_mesh(cfg.mesh),
+                                            rules=cfg.sharding_rules)
+        ctx = registry.EvalContext(cfg, out_dir, "scorer", model=clip.CLIP(scorer.config),
+                                   text_tokenizer=scorer.tokenizer)
+        return ctx, scorer.params
     raise ValueError(f"{export!r} is a {kind or 'unknown'!r} export; --job=evaluate takes a "
-                     "dVAE or transformer export")
+                     "dVAE, transformer or scorer export")
 
 
 def _settings(cfg, export: str, names: list[str]) -> dict[str, Any]:

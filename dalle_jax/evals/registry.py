@@ -44,7 +44,8 @@ _TYPES: dict[str, type] = {}
 # Modules that register evaluators; imported on first lookup so that importing the
 # registry stays cheap.
 _BUILTIN_MODULES = ("dalle_jax.evals.recon", "dalle_jax.evals.val_loss",
-                    "dalle_jax.evals.caption_match", "dalle_jax.evals.shapes_fid")
+                    "dalle_jax.evals.caption_match", "dalle_jax.evals.shapes_fid",
+                    "dalle_jax.evals.clip_retrieval")
 
 
 @dataclasses.dataclass
@@ -55,8 +56,9 @@ class EvalContext:
         cfg: the run's whole config.
         out_dir: where evaluators write pictures and JSON (``workdir/eval`` in training).
         subject: the kind of model being evaluated (one of `SUBJECTS`).
-        model: the Flax module of the subject (`DVAE` or `Transformer`), when it has one.
-        text_tokenizer: the caption BPE (stage 2).
+        model: the Flax module of the subject (`DVAE`, `Transformer` or `CLIP`), when it
+            has one.
+        text_tokenizer: the caption BPE (stage 2), or the scorer's tokenizer.
         image_tokenizer: the dVAE `ImageTokenizer` that decodes image tokens (stage 2).
         sampler: a `Sampler` over the evaluated transformer (the ``evaluate`` job and
             the ``sample`` job pass theirs; evaluators that sample build one otherwise).

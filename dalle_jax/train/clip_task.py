@@ -25,10 +25,10 @@ dataset with captions (the built-in `shapes`), with the towers of `dalle_jax.mod
   ``(seed, batch position, record index)``; the batch position comes from the input
   pipeline's own state (`NumberedBatches`), so the negatives change every epoch and a
   resumed run draws exactly the negatives an uninterrupted one would.
-* **evaluation** (`ClipEvaluator`): on the first examples of each evaluation split, the
-  share of images whose caption beats all its hard negatives (and per kind of negative),
-  and top-1 retrieval of the image's meaning among the canonical captions of every
-  meaning of the split (`shapes.meanings_for_split`).
+* **evaluation**: the run's ``evals`` sections of the scorer, built by the evaluator
+  registry (`dalle_jax.evals.clip_retrieval`: hard-negative accuracy and caption
+  retrieval on `shapes` evaluation splits); the same evaluator runs in ``--job=evaluate``
+  on any scorer export.
 * **export** (`train_clip`): the EMA params with the tower config, the tokenizer's
   identity and file (``tokenizer/bpe.model``) and the final evaluation, which
   `dalle_jax.rerank.scorer.ClipScorer.load` reads back.
@@ -47,10 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
 
 from dalle_jax import sharding
-from dalle_jax.data import augment, shapes, sources
+from dalle_jax.data import shapes, sources
 from dalle_jax.data import shapes_negatives as negatives_lib
 from dalle_jax.tokenizers import bpe
 from dalle_jax.train import loop
@@ -60,7 +59,6 @@ PyTree = Any
 TOKENIZER_FILE = "bpe.model"
 # Seeds the training negatives' generators (with the run seed, batch position and index).
 _NEGATIVES_STREAM = 0xC11F
-_EVAL_STREAM = 0xE7A1
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -173,14 +171,11 @@ def check_config(cfg) -> None:
     if not float(m.get("position_init_scale", 1.0)) > 0:
         problems.append(f"model.position_init_scale={m.get('position_init_scale')} must be "
                         "> 0")
-    ev = _section(cfg, "evals").get("clip", {})
-    if ev:
-        if int(ev.get("negatives", 0)) < 1:
-            problems.append("evals.clip.negatives must be >= 1")
-        for split in _splits(ev.get("splits", "")):
-            if split not in shapes.SPLITS:
-                problems.append(f"evals.clip.splits names {split!r}, not a shapes split "
-                                f"{shapes.SPLITS}")
+    from dalle_jax.evals import clip_retrieval
+
+    for name, section in _section(cfg, "evals").items():
+        if str(section.get("type", name)) == "clip":
+            problems += clip_retrieval.section_problems(section, prefix=f"evals.{name}")
     if str(cfg.data.augment) == "dvae":
         problems.append("data.augment='dvae' flips images left-right, which contradicts "
                         "their captions' left/right relations; use 'none' or 'transformer'")
@@ -189,10 +184,6 @@ def check_config(cfg) -> None:
                         "evaluation need the captions of the built-in 'shapes' dataset")
     if problems:
         raise ValueError("invalid contrastive config:\n  " + "\n  ".join(problems))
-
-
-def _splits(text: str) -> list[str]:
-    return [s.strip() for s in str(text).split(",") if s.strip()]
 
 
 def model_config(cfg, tokenizer: BpeClipTokenizer):
@@ -494,10 +485,11 @@ def make_task(cfg, workdir: str, tokenizer: BpeClipTokenizer | None = None) -> l
             "meaning": np.asarray([meaning_id(t) for t in captions], np.int32),
         }
 
-    ev = _section(cfg, "evals").get("clip", {})
-    evaluator = (ClipEvaluator(cfg, model, tokenizer)
-                 if ev and int(ev.get("num_examples", 0)) > 0 and _splits(ev.get("splits", ""))
-                 else None)
+    from dalle_jax.evals import registry
+
+    # The ``evals`` sections of the scorer (`dalle_jax.evals.clip_retrieval`).
+    evaluators = registry.build(cfg, registry.EvalContext(
+        cfg, registry.output_dir(workdir), "scorer", model=model, text_tokenizer=tokenizer))
     task = loop.Task(
         name="clip",
         identity=identity(config, tokenizer),
@@ -505,149 +497,12 @@ def make_task(cfg, workdir: str, tokenizer: BpeClipTokenizer | None = None) -> l
             scale_position_init(clip.init_params(config, rng), position_scale))},
         loss_fn=loss_fn,
         device_batch=device_batch,
-        evaluate=evaluator,
+        evaluate=evaluators if len(evaluators) else None,
         tokens_per_example=0,
     )
     task.clip_config = config  # for the export
     task.tokenizer = tokenizer
     return task
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-
-
-@dataclasses.dataclass
-class _EvalSplit:
-    pixels: np.ndarray  # (M, H, W, 3) float32, preprocessed
-    captions: list[str]  # (M,)
-    negatives: list[list[str]]  # (M, K)
-    kinds: list[list[str]]  # (M, K)
-    target: np.ndarray  # (M,) index of each image's meaning among `candidates`
-    is_pair: np.ndarray  # (M,) bool
-    candidates: list[str]  # canonical caption of every meaning of the split
-
-
-class ClipEvaluator:
-    """Scores the scorer on `shapes` evaluation splits (``evals.clip``).
-
-    For the first ``num_examples`` images of each split in ``splits`` (centre crops, in
-    dataset order): ``{split}/hard_negative_accuracy`` (the true caption beats all
-    ``negatives`` hard negatives, drawn once with ``seed``, the same at every evaluation),
-    ``{split}/negatives/{kind}`` (the true caption beats a negative of that kind, over
-    all such pairs), ``{split}/retrieval_top1`` (the best-scoring of the canonical
-    captions of every meaning of the split is the image's meaning) and
-    ``{split}/retrieval_top1_pairs`` (the same over the two-object scenes only). The last
-    result is kept in ``last`` (with its ``step``) for the export.
-    """
-
-    def __init__(self, cfg, model, tokenizer: BpeClipTokenizer):
-        ev = _section(cfg, "evals")["clip"]
-        self.cfg = cfg
-        self.model = model
-        self.config = model.config
-        self.tokenizer = tokenizer
-        self.splits = _splits(ev.get("splits", "validation"))
-        self.num_examples = int(ev.get("num_examples", 500))
-        self.negatives = int(ev.get("negatives", 8))
-        self.batch_size = max(1, int(ev.get("batch_size", 250)))
-        self.seed = int(ev.get("seed", 0))
-        self.rules = sharding.get_rules(cfg.sharding_rules)
-        # The same unit-norm embeddings the reranking scorer computes.
-        from dalle_jax.rerank.scorer import encode_images, encode_texts
-
-        self._images = jax.jit(functools.partial(encode_images, model=model))
-        self._texts = jax.jit(functools.partial(encode_texts, model=model))
-        self._data: dict[str, _EvalSplit] = {}
-        self.last: dict | None = None
-
-    def _load(self, split: str) -> _EvalSplit:
-        from dalle_jax.models import clip
-
-        if split in self._data:
-            return self._data[split]
-        source = sources.load_split(self.cfg.data, split)
-        m = min(self.num_examples, len(source))
-        size = int(self.cfg.data.image_size)
-        images, captions = [], []
-        for i in range(m):
-            record = source[i]
-            images.append(augment.center_crop_resize(np.asarray(record["image"]), None, size))
-            captions.append(_text(record["caption"]))
-        objects = negatives_lib.allowed_objects(split)
-        negs, kinds = [], []
-        for i, caption in enumerate(captions):
-            rng = np.random.default_rng([_EVAL_STREAM, self.seed, i])
-            n, kd = negatives_lib.sample_negatives(caption, self.negatives, rng, objects=objects,
-                                                   return_kinds=True)
-            negs.append(n)
-            kinds.append(kd)
-        meanings = shapes.meanings_for_split(split)
-        where = {mn: j for j, mn in enumerate(meanings)}
-        parsed = [shapes.parse_caption(c) for c in captions]
-        data = _EvalSplit(
-            pixels=np.asarray(clip.preprocess(np.stack(images), self.config), np.float32),
-            captions=captions, negatives=negs, kinds=kinds,
-            target=np.asarray([where[p] for p in parsed], np.int64),
-            is_pair=np.asarray([len(p.objects) == 2 for p in parsed]),
-            candidates=[negatives_lib.canonical_caption(mn) for mn in meanings])
-        self._data[split] = data
-        return data
-
-    def _run(self, fn, params, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """``fn(params, *arrays)`` in batch-sharded chunks (the last one padded)."""
-        mesh = sharding.make_mesh(self.cfg.mesh)
-        shards = sharding.batch_shards(dict(mesh.shape), self.rules)
-        n = len(arrays[0])
-        size = -(-min(self.batch_size, n) // shards) * shards
-        out = []
-        for lo in range(0, n, size):
-            hi = min(lo + size, n)
-            rows = []
-            for a in arrays:
-                r = np.concatenate([a[lo:hi], np.repeat(a[hi - 1:hi], size - (hi - lo), 0)])
-                sh = NamedSharding(mesh, sharding.batch_spec(mesh, self.rules, r.ndim))
-                rows.append(jax.make_array_from_callback(r.shape, sh, lambda idx, r=r: r[idx]))
-            emb = fn(params, *rows)
-            if not emb.is_fully_addressable:
-                from jax.experimental import multihost_utils
-
-                emb = multihost_utils.process_allgather(emb, tiled=True)
-            out.append(np.asarray(emb, np.float32)[: hi - lo])
-        return np.concatenate(out)
-
-    def embed_texts(self, params, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        unique = sorted(set(texts))
-        tokens, eot, _ = self.tokenizer.encode_batch(unique, self.config.context_length)
-        emb = self._run(self._texts, params, [tokens, eot])
-        return dict(zip(unique, emb))
-
-    def __call__(self, params: PyTree, step: int) -> dict:
-        result: dict[str, float] = {}
-        for split in self.splits:
-            d = self._load(split)
-            img = self._run(self._images, params, [d.pixels])
-            texts = d.captions + [t for row in d.negatives for t in row] + d.candidates
-            emb = self.embed_texts(params, texts)
-            true = np.sum(img * np.stack([emb[c] for c in d.captions]), axis=-1)
-            neg = np.einsum("me,mke->mk", img,
-                            np.stack([np.stack([emb[t] for t in row]) for row in d.negatives]))
-            result[f"{split}/hard_negative_accuracy"] = float(np.mean(true > neg.max(axis=1)))
-            beats = true[:, None] > neg
-            kinds = np.asarray(d.kinds)
-            for kind in negatives_lib.KINDS:
-                sel = kinds == kind
-                if sel.any():
-                    result[f"{split}/negatives/{kind}"] = float(beats[sel].mean())
-            cand = np.stack([emb[c] for c in d.candidates])
-            top1 = np.argmax(img @ cand.T, axis=1) == d.target
-            result[f"{split}/retrieval_top1"] = float(top1.mean())
-            if d.is_pair.any():
-                result[f"{split}/retrieval_top1_pairs"] = float(top1[d.is_pair].mean())
-            result[f"{split}/num_examples"] = float(len(d.captions))
-        self.last = dict(result, step=int(step))
-        return result
 
 
 # ----------------------------------------------------------------------------- the job
@@ -663,6 +518,24 @@ def export_scorer(export_dir: str, task: loop.Task, params: PyTree, *, step: int
             "ema": bool(ema), "retrieval": dict(retrieval or {})}
     exports.write_scorer(export_dir, params, meta, task.tokenizer.path, TOKENIZER_FILE)
     return export_dir
+
+
+def final_evaluation(suite, params: PyTree, step: int) -> dict | None:
+    """The metrics at ``step`` of the scorer's evaluators (those that keep their ``last``
+    result), with ``step``: the training loop's final evaluation when it was of these
+    params at this step, else run now. None without such evaluators."""
+    if suite is None:
+        return None
+    final: dict = {}
+    for s in suite.scheduled:
+        if not hasattr(s.evaluator, "last"):
+            continue
+        last = s.evaluator.last
+        if last is None or last.get("step") != step:
+            suite.run_one(s, params, step)
+            last = s.evaluator.last
+        final.update(last)
+    return final or None
 
 
 def format_retrieval(metrics: dict) -> str:
@@ -689,14 +562,7 @@ def train_clip(cfg, workdir: str) -> None:
         return loop.train(cfg, workdir, task, lambda: make_train_iter(cfg))
 
     def export(export_dir, params, step, ema):
-        final = None
-        if task.evaluate is not None:
-            final = task.evaluate.last
-            if final is None or final.get("step") != step:
-                mesh = sharding.make_mesh(cfg.mesh)
-                with sharding.activation_rules(mesh, sharding.get_rules(cfg.sharding_rules)):
-                    task.evaluate(params, step)
-                final = task.evaluate.last
+        final = final_evaluation(task.evaluate, params, step)
         export_scorer(export_dir, task, params, step=step, ema=ema, retrieval=final)
         if final:
             logging.info("final evaluation: %s", format_retrieval(final))
