@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from dalle_jax import configlib, jobs
-from dalle_jax.evals import blur, coco, plots
+from dalle_jax.evals import blur, coco, coco_files, fid, plots
 from dalle_jax.evals import inception as inc
+from dalle_jax.rerank import best_of
 
 from notebook_test import _tiny_scorer_export
 from train_transformer_test import _cfg, dvae_export, token_dir, tokenizer  # noqa: F401  (fixtures)
@@ -117,10 +118,10 @@ def _eval_cfg(coco_dir, model, *, weights="", n=4, captions=4, scorer=True):
 
 
 def _drawn(coco_dir, num=4, seed=0):
-    images, _ = coco.read_annotations(os.path.join(coco_dir, "annotations",
+    images, _ = coco_files.read_annotations(os.path.join(coco_dir, "annotations",
                                                    "captions_val2014.json"))
-    usable, _ = coco.check_images(images, os.path.join(coco_dir, "val2014"), progress=False)
-    return coco.draw_captions(usable, num, seed)
+    usable, _ = coco_files.check_images(images, os.path.join(coco_dir, "val2014"), progress=False)
+    return coco_files.draw_captions(usable, num, seed)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +170,6 @@ def test_results_counts_metrics_and_plots(first_run):
     clip0 = [res["metrics"]["0"]["generated"][k]["clip_score"] for k in ("1", "2", "4")]
     assert clip0 == sorted(clip0)
     # The real statistics carry their key and the real IS.
-    from dalle_jax.evals import fid
-
     _, _, meta = fid.load_stats(res["metrics"]["0"]["real"]["stats_file"], resize="tf1x")
     assert meta["count"] == 4 and meta["key"]["blur_radius"] == 0.0
     assert meta["key"]["real_resize"] == "lanczos" and meta["key"]["image_size"] == 16
@@ -327,24 +326,24 @@ def test_bad_requests_are_clear_errors(coco_dir, model, tmp_path):
 
 
 def test_draw_is_deterministic_and_one_caption_per_image():
-    images = [coco.CocoImage(i, f"{i}.jpg", tuple(f"caption {i}.{j}" for j in range(1 + i % 4)))
+    images = [coco_files.CocoImage(i, f"{i}.jpg", tuple(f"caption {i}.{j}" for j in range(1 + i % 4)))
               for i in range(50)]
-    a, b = coco.draw_captions(images, 20, 1), coco.draw_captions(images, 20, 1)
+    a, b = coco_files.draw_captions(images, 20, 1), coco_files.draw_captions(images, 20, 1)
     assert a == b and len({e["image_id"] for e in a}) == 20
-    assert a != coco.draw_captions(images, 20, 2)
+    assert a != coco_files.draw_captions(images, 20, 2)
     assert all(e["caption"] == f"caption {e['image_id']}.{e['caption_choice']}" for e in a)
     with pytest.raises(ValueError, match="asked for 51 captions .* only 50"):
-        coco.draw_captions(images, 51, 0)
+        coco_files.draw_captions(images, 51, 0)
 
 
 def test_chunks_and_sizes():
     assert coco.rerank_sizes("", 8) == [1, 2, 4, 8]
     assert coco.rerank_sizes("", 12) == [1, 2, 4, 8, 12]
     assert coco.rerank_sizes("4, 1", 16) == [1, 4, 16]
-    assert coco.chunk_bounds(8, [1, 2, 4, 8], 64) == [(0, 1), (1, 2), (2, 4), (4, 8)]
-    assert coco.chunk_bounds(512, [1, 512], 128) == [(0, 1), (1, 128), (128, 256),
+    assert best_of.chunk_bounds(8, [1, 2, 4, 8], 64) == [(0, 1), (1, 2), (2, 4), (4, 8)]
+    assert best_of.chunk_bounds(512, [1, 512], 128) == [(0, 1), (1, 128), (128, 256),
                                                       (256, 384), (384, 512)]
-    assert coco.chunk_bounds(10, [3, 10], 4) == [(0, 3), (3, 4), (4, 8), (8, 10)]
+    assert best_of.chunk_bounds(10, [3, 10], 4) == [(0, 3), (3, 4), (4, 8), (8, 10)]
     assert coco.clip_score([0.3, -0.2, 0.1]) == pytest.approx(100 * 0.4 / 3)
 
 
@@ -373,21 +372,19 @@ def test_blur_resize_and_plot(tmp_path):
 
 
 def test_frechet_reference_matches_fid():
-    from dalle_jax.evals import fid
-
     rng = np.random.default_rng(0)
     d = 16
     for m, n in [(6, 5), (50, 40), (6, 40), (50, 3)]:
         real = rng.standard_normal((m, d)) @ rng.standard_normal((d, d))
         gen = 0.5 + rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
         want = fid.fid_from_features(real, gen)
-        got = coco.FrechetReference.from_features(real).distance(gen)
+        got = fid.FrechetReference.from_features(real).distance(gen)
         assert got == pytest.approx(want, rel=1e-9, abs=1e-9), (m, n)
-        got = coco.FrechetReference.from_stats(*fid.gaussian_stats(real)).distance(gen)
+        got = fid.FrechetReference.from_stats(*fid.gaussian_stats(real)).distance(gen)
         assert got == pytest.approx(want, rel=1e-9, abs=1e-9), (m, n)
     # A covariance of few samples in many dimensions, factorised in its range only.
     real, gen = rng.standard_normal((5, 256)), rng.standard_normal((300, 256)) + 0.1
     want = fid.fid_from_features(real, gen)
-    ref = coco.FrechetReference.from_stats(*fid.gaussian_stats(real), count=5)
+    ref = fid.FrechetReference.from_stats(*fid.gaussian_stats(real), count=5)
     assert ref.distance(gen) == pytest.approx(want, rel=1e-9)
     assert ref.distance(gen[:7]) == pytest.approx(fid.fid_from_features(real, gen[:7]), rel=1e-9)

@@ -90,19 +90,20 @@ file, so the output directory must be on storage all processes see.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
+
+from dalle_jax.evals import coco_files, fid
+from dalle_jax.rerank import best_of
 
 OUT_SUBDIR = "eval_coco"
 SETTINGS_FILE = "settings.json"
@@ -111,133 +112,6 @@ RESULTS_FILE = "results.json"
 PAPER_NUM_CAPTIONS = 30_000
 # Images per group of shards whose Inception features or CLIP scores are computed at once.
 CACHE_GROUP_ROWS = 4096
-
-
-# ----------------------------------------------------------------------------- COCO files
-
-
-@dataclasses.dataclass(frozen=True)
-class CocoImage:
-    """A validation image with its non-empty captions (whitespace collapsed), in the
-    annotation file's order."""
-
-    image_id: int
-    file_name: str
-    captions: tuple[str, ...]
-
-
-def read_annotations(path: str) -> tuple[list[CocoImage], dict[str, int]]:
-    """The images of a COCO captions file (sorted by id) that have at least one non-empty
-    caption, and counts of what was left out (``images_without_captions``,
-    ``empty_captions``, ``orphan_annotations`` naming an image id the file does not
-    list)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"COCO captions file {path!r} does not exist (expected the "
-                                "raw layout: ROOT/annotations/captions_val2014.json)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
-    files: dict[int, str] = {}
-    for im in data["images"]:
-        files[int(im["id"])] = str(im["file_name"])
-    captions: dict[int, list[str]] = defaultdict(list)
-    orphan = empty = 0
-    for a in data["annotations"]:
-        image_id = int(a["image_id"])
-        text = " ".join(str(a.get("caption", "")).split())
-        if image_id not in files:
-            orphan += 1
-        elif not text:
-            empty += 1
-        else:
-            captions[image_id].append(text)
-    images = [CocoImage(i, files[i], tuple(captions[i])) for i in sorted(files) if captions[i]]
-    counts = {"images_listed": len(files), "annotations": len(data["annotations"]),
-              "images_without_captions": len(files) - len(images), "empty_captions": empty,
-              "orphan_annotations": orphan}
-    return images, counts
-
-
-def _load_image(path: str):
-    """A fully decoded RGB PIL image, any size and aspect ratio (`BadImage` otherwise)."""
-    from dalle_jax.data import imageio
-
-    return imageio.load_rgb(path, min_side=1, aspect_range=(0.0, math.inf)).image
-
-
-def image_problem(path: str) -> str | None:
-    """None for a usable image file, else why it is skipped: ``"missing"`` or a
-    `dalle_jax.data.imageio.BadImage` reason (``"corrupt"``, ...)."""
-    from dalle_jax.data import imageio
-
-    if not os.path.isfile(path):
-        return "missing"
-    try:
-        _load_image(path)
-    except imageio.BadImage as e:
-        return e.reason
-    return None
-
-
-def _workers(n: int) -> int:
-    return n if n > 0 else min(32, os.cpu_count() or 1)
-
-
-def check_images(images: Sequence[CocoImage], image_dir: str, *, workers: int = 0,
-                 progress: bool = True) -> tuple[list[CocoImage], list[dict[str, Any]]]:
-    """``(usable images, skipped)``: each image decoded once (threads); ``skipped`` lists
-    ``{"image_id", "file_name", "reason"}`` of the missing and undecodable ones."""
-    paths = [os.path.join(image_dir, im.file_name) for im in images]
-    with concurrent.futures.ThreadPoolExecutor(_workers(workers)) as pool:
-        reasons = list(_bar(pool.map(image_problem, paths), len(paths), "checking images",
-                            progress))
-    usable = [im for im, r in zip(images, reasons) if r is None]
-    skipped = [{"image_id": im.image_id, "file_name": im.file_name, "reason": r}
-               for im, r in zip(images, reasons) if r is not None]
-    return usable, skipped
-
-
-def draw_captions(usable: Sequence[CocoImage], num: int, seed: int) -> list[dict[str, Any]]:
-    """``num`` captions of distinct images: ``np.random.default_rng(seed)`` permutes the
-    images (in the given order, sorted by id) and takes the first ``num``, then picks one
-    caption of each in turn with the same generator. Entries: ``index`` (the caption's
-    position, which fixes its sample indices), ``image_id``, ``file_name``, ``caption``,
-    ``caption_choice`` (which of the image's captions)."""
-    if num < 1:
-        raise ValueError(f"num_captions must be >= 1, got {num}")
-    if num > len(usable):
-        raise ValueError(f"asked for {num} captions of distinct images but only "
-                         f"{len(usable)} are usable")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(usable))[:num]
-    out = []
-    for i, k in enumerate(order):
-        im = usable[int(k)]
-        j = int(rng.integers(len(im.captions)))
-        out.append({"index": i, "image_id": im.image_id, "file_name": im.file_name,
-                    "caption": im.captions[j], "caption_choice": j})
-    return out
-
-
-def list_images(spec: str) -> list[str]:
-    """Image paths of ``spec``: a folder (searched recursively for `IMAGE_EXTENSIONS`,
-    sorted), a ``.txt`` file with one path per line, or a comma-separated list."""
-    from dalle_jax.data.imageio import IMAGE_EXTENSIONS
-
-    spec = str(spec).strip()
-    if os.path.isdir(spec):
-        out = []
-        for d, _, names in os.walk(spec):
-            out += [os.path.join(d, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-        return sorted(out)
-    if spec.endswith(".txt") and os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    return [p.strip() for p in spec.split(",") if p.strip()]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -275,22 +149,6 @@ def rerank_sizes(value: Any, num_candidates: int) -> list[int]:
     return sorted(sizes | {n})
 
 
-def chunk_bounds(num: int, sizes: Sequence[int], chunk: int) -> list[tuple[int, int]]:
-    """Consecutive candidate ranges ``[lo, hi)`` covering ``0..num-1``: every size ends a
-    range and no range is longer than ``chunk``."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    stops = sorted({k for k in sizes if 0 < k <= num} | set(range(chunk, num, chunk)) | {num})
-    bounds, lo = [], 0
-    for hi in stops:
-        while hi - lo > chunk:  # sizes closer than chunk never get here
-            bounds.append((lo, lo + chunk))
-            lo += chunk
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
-
-
 def clip_score(cosines: np.ndarray) -> float:
     """The CLIP score of image/caption pairs: mean of ``100 * max(cos, 0)``."""
     c = np.asarray(cosines, np.float64)
@@ -311,183 +169,6 @@ def _sha256_json(obj: Any) -> str:
 
 def _rkey(radius: float) -> str:
     return f"{radius:g}"
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def generate_best_of(sampler, scorer, captions: Sequence[str], *, num_candidates: int,
-                     sizes: Sequence[int], seed: int = 0, first_caption: int = 0,
-                     batch_size: int = 64, chunk: int = 64,
-                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """For each caption and each reranking size k, the best of its first k candidates.
-
-    Candidate j of caption ``first_caption + i`` is global sample
-    ``(first_caption + i) * num_candidates + j``; candidates ``0 .. max(sizes)-1`` are
-    drawn in `chunk_bounds` ranges, decoded, scored (when ``scorer`` is given; without it
-    only size 1 exists) and folded into a running best (a strictly higher score replaces
-    it, so ties keep the earlier candidate), whose value is recorded whenever a size is
-    reached. Returns arrays (``K = len(sizes)``):
-
-    * ``sizes`` (K,), ``candidate`` / ``sample_index`` (n, K) int64, ``score`` (n, K)
-      float32 (NaN without a scorer), ``tokens`` (n, K, G, G) int32;
-    * ``images`` (M, H, W, 3) uint8: the distinct picked images (a caption whose best
-      candidate is the same for several sizes stores it once), ``image_index`` (n, K) into
-      them, ``image_caption`` (M,) the caption row of each;
-    * ``all_scores`` (n, max(sizes)) every candidate's score (NaN without a scorer).
-    """
-    sizes = sorted(int(k) for k in sizes)
-    n, top = len(captions), sizes[-1]
-    if n == 0:
-        raise ValueError("no captions to sample for")
-    if sizes[0] < 1 or top > num_candidates:
-        raise ValueError(f"sizes {sizes} must lie in [1, num_candidates={num_candidates}]")
-    if scorer is None and top > 1:
-        raise ValueError(f"reranking {top} candidates needs a scorer")
-    rows = np.arange(n)
-    best: dict[str, np.ndarray] | None = None
-    kept: dict[int, dict[str, np.ndarray]] = {}
-    all_scores = np.full((n, top), np.nan, np.float32)
-    for lo, hi in chunk_bounds(top, sizes, chunk):
-        toks = sampler.tokens(list(captions), num_candidates=num_candidates, seed=seed,
-                              batch_size=batch_size,
-                              first_sample_index=first_caption * num_candidates,
-                              candidates=(lo, hi), progress=progress)
-        imgs = sampler.images(toks, batch_size=batch_size)
-        m = hi - lo
-        if scorer is not None:
-            flat = imgs.reshape((-1,) + imgs.shape[2:])
-            scores = np.asarray(scorer.score(flat, [c for c in captions for _ in range(m)]),
-                                np.float32).reshape(n, m)
-            if not np.isfinite(scores).all():
-                raise ValueError("the scorer returned non-finite scores")
-            all_scores[:, lo:hi] = scores
-            j = np.argmax(scores, axis=1)  # the first of equal maxima
-        else:
-            scores = np.full((n, m), np.nan, np.float32)
-            j = np.zeros(n, np.int64)
-        pick = {"candidate": lo + j, "score": scores[rows, j], "tokens": toks[rows, j],
-                "image": imgs[rows, j]}
-        if best is None:
-            best = pick
-        else:
-            better = pick["score"] > best["score"]
-            best = {k: np.where(better.reshape((-1,) + (1,) * (v.ndim - 1)), pick[k], v)
-                    for k, v in best.items()}
-        if hi in sizes:
-            kept[hi] = {k: v.copy() for k, v in best.items()}
-    cand = np.stack([kept[k]["candidate"] for k in sizes], axis=1).astype(np.int64)
-    images, owner = [], []
-    index = np.zeros((n, len(sizes)), np.int64)
-    for i in range(n):
-        seen: dict[int, int] = {}
-        for ki, k in enumerate(sizes):
-            c = int(cand[i, ki])
-            if c not in seen:
-                seen[c] = len(images)
-                images.append(kept[k]["image"][i])
-                owner.append(i)
-            index[i, ki] = seen[c]
-    return {
-        "sizes": np.asarray(sizes, np.int64),
-        "candidate": cand,
-        "sample_index": (first_caption + rows)[:, None].astype(np.int64) * num_candidates + cand,
-        "score": np.stack([kept[k]["score"] for k in sizes], axis=1).astype(np.float32),
-        "tokens": np.stack([kept[k]["tokens"] for k in sizes], axis=1).astype(np.int32),
-        "images": np.stack(images).astype(np.uint8),
-        "image_index": index,
-        "image_caption": np.asarray(owner, np.int64),
-        "all_scores": all_scores,
-    }
-
-
-# ----------------------------------------------------------------------------- FID
-
-
-def _resolved(w: np.ndarray, dim: int) -> np.ndarray:
-    """Eigenvalues below the rounding level of a ``dim``-dimensional symmetric eigensolver
-    (``dim * eps * max``) set to zero: the rule `dalle_jax.evals.fid` applies."""
-    top = float(np.max(w, initial=0.0))
-    return np.where(w > dim * np.finfo(np.float64).eps * top, w, 0.0)
-
-
-class FrechetReference:
-    """The reference side of many FIDs (the real images at one blur radius).
-
-    `dalle_jax.evals.fid.frechet_distance` takes ``tr((S1 S2)^(1/2))`` as the sum of the
-    square roots of the eigenvalues of ``A S2 A`` with ``A = S1^(1/2)``. Every reranking
-    size is compared with the same real images, so ``A``, the mean and ``tr(S1)`` are
-    computed once here, and `distance` of a generated set costs one symmetric eigenvalue
-    problem. When the set has fewer rows than feature dimensions (n - 1 < D), its
-    covariance is ``Xc^T Xc / (n-1)`` of the centred rows ``Xc``, and the non-zero
-    eigenvalues of ``A S2 A = (Xc A)^T (Xc A) / (n-1)`` are those of the small
-    ``(Xc A)(Xc A)^T / (n-1)``, an ``n x n`` problem instead of ``D x D``. The result is
-    the same FID (float64; tested against ``frechet_distance``), cheaper.
-    """
-
-    def __init__(self, mu: np.ndarray, sigma: np.ndarray, sqrt_sigma: np.ndarray):
-        self.mu, self.sigma, self.sqrt_sigma = mu, sigma, sqrt_sigma
-        self.trace = float(np.trace(sigma))
-        self.dim = mu.shape[0]
-
-    @classmethod
-    def from_stats(cls, mu, sigma, count: int | None = None) -> FrechetReference:
-        """From a mean and covariance; ``count``, the number of samples behind them, lets
-        a covariance of fewer samples than dimensions (rank <= count - 1) be
-        factorised in its range only: a fixed Gaussian sketch ``sigma @ G`` with a few
-        more columns than the rank spans that range exactly (up to rounding), and the
-        eigendecomposition of ``sigma`` restricted to it is a small one."""
-        mu = np.asarray(mu, np.float64)
-        sigma = np.asarray(sigma, np.float64)
-        sigma = 0.5 * (sigma + sigma.T)
-        d = mu.shape[0]
-        if count is not None and count - 1 + 16 < d // 2:
-            g = np.random.default_rng(0).standard_normal((d, count - 1 + 16))
-            q, _ = np.linalg.qr(sigma @ g)
-            w, u = np.linalg.eigh(q.T @ sigma @ q)
-            v = q @ u
-        else:
-            w, v = np.linalg.eigh(sigma)
-        return cls(mu, sigma, (v * np.sqrt(_resolved(w, d))) @ v.T)
-
-    @classmethod
-    def from_features(cls, features) -> FrechetReference:
-        x = np.asarray(features, np.float64)
-        n, d = x.shape
-        if n < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, got {n}")
-        mu = x.mean(axis=0)
-        xc = x - mu
-        sigma = xc.T @ xc / (n - 1)
-        if n - 1 >= d:
-            return cls.from_stats(mu, sigma)
-        # sigma = V diag(s^2 / (n-1)) V^T from the thin SVD of the centred rows.
-        _, sv, vt = np.linalg.svd(xc, full_matrices=False)
-        w = _resolved(sv ** 2 / (n - 1), d)
-        return cls(mu, sigma, (vt.T * np.sqrt(w)) @ vt)
-
-    def distance(self, features) -> float:
-        """FID between these statistics and the ``(n, D)`` features of a generated set."""
-        from dalle_jax.evals import fid
-
-        x = np.asarray(features, np.float64)
-        n = x.shape[0]
-        if x.ndim != 2 or x.shape[1] != self.dim or n < 2:
-            raise ValueError(f"need (n >= 2, {self.dim}) features, got {x.shape}")
-        mu2 = x.mean(axis=0)
-        xc = x - mu2
-        if n - 1 < self.dim:
-            m = xc @ self.sqrt_sigma
-            eig = np.linalg.eigvalsh(m @ m.T / (n - 1))
-        else:
-            m = self.sqrt_sigma @ (xc.T @ xc / (n - 1)) @ self.sqrt_sigma
-            eig = np.linalg.eigvalsh(0.5 * (m + m.T))
-        tr_covmean = float(np.sqrt(_resolved(eig, self.dim)).sum())
-        if not np.isfinite(tr_covmean):  # fid's fallback (diagonal offset)
-            return fid.frechet_distance(self.mu, self.sigma, mu2, xc.T @ xc / (n - 1))
-        diff = self.mu - mu2
-        value = diff @ diff + self.trace + float((xc ** 2).sum()) / (n - 1) - 2.0 * tr_covmean
-        return max(float(value), 0.0)
 
 
 # ----------------------------------------------------------------------------- files
@@ -704,10 +385,10 @@ class _Evaluation:
             raise FileExistsError(f"{path} was drawn with other settings; remove {self.out} "
                                   "to start over")
         t0 = time.time()
-        images, counts = read_annotations(self.annotations)
+        images, counts = coco_files.read_annotations(self.annotations)
         if not os.path.isdir(self.image_dir):
             raise FileNotFoundError(f"COCO image folder {self.image_dir!r} does not exist")
-        usable, skipped = check_images(images, self.image_dir, workers=self.workers)
+        usable, skipped = coco_files.check_images(images, self.image_dir, workers=self.workers)
         reasons = Counter(x["reason"] for x in skipped)
         if len(usable) < self.num:
             raise ValueError(
@@ -715,7 +396,7 @@ class _Evaluation:
                 f"({counts['images_listed']} images listed, {len(skipped)} skipped: "
                 f"{dict(sorted(reasons.items()))}, {counts['images_without_captions']} without "
                 f"a caption), fewer than coco.num_captions={self.num}")
-        captions = draw_captions(usable, self.num, self.draw_seed)
+        captions = coco_files.draw_captions(usable, self.num, self.draw_seed)
         counts.update(images_usable=len(usable), images_skipped=len(skipped),
                       skipped_by_reason=dict(sorted(reasons.items())))
         d = {"key": key, "counts": counts, "skipped": skipped, "captions": captions,
@@ -749,10 +430,10 @@ class _Evaluation:
         t0 = time.time()
 
         def load(entry):
-            img = _load_image(os.path.join(self.image_dir, entry["file_name"]))
+            img = coco_files.load_image(os.path.join(self.image_dir, entry["file_name"]))
             return blur.resize_center_crop(img, self.image_size, self.real_resize)
 
-        with concurrent.futures.ThreadPoolExecutor(_workers(self.workers)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(coco_files.workers_for(self.workers)) as pool:
             for s in _bar(todo, len(todo), "real image shards"):
                 lo, hi = self.ranges[s]
                 images = np.stack(list(pool.map(load, captions[lo:hi])))
@@ -776,7 +457,7 @@ class _Evaluation:
         try:
             for s in todo:
                 lo, hi = self.ranges[s]
-                out = generate_best_of(
+                out = best_of.best_of_each_size(
                     sampler, scorer, [c["caption"] for c in captions[lo:hi]],
                     num_candidates=self.n, sizes=self.sizes, seed=self.seed, first_caption=lo,
                     batch_size=self.batch_size, chunk=self.chunk, progress=bar.update)
@@ -950,7 +631,7 @@ class _Evaluation:
     # ------------------------------------------------------------------ metrics
 
     def real_reference(self, radius: float, draw: dict
-                       ) -> tuple[FrechetReference, dict[str, Any]]:
+                       ) -> tuple[fid.FrechetReference, dict[str, Any]]:
         """The real images' side of the FIDs at ``radius`` and their IS.
 
         From the per-shard feature caches when they are all there (cheap), else from the
@@ -960,8 +641,6 @@ class _Evaluation:
         so later evaluations of the same draw (other models, other workdirs sharing the
         directory) reuse it.
         """
-        from dalle_jax.evals import fid
-
         key = {"dataset": "coco_captions_val2014", "draw_images_sha256": draw["images_sha256"],
                "num_images": self.num, "blur_radius": radius, "real_resize": self.real_resize,
                "image_size": self.image_size, "inception_resize": self.inception_resize,
@@ -976,13 +655,13 @@ class _Evaluation:
                 logging.warning("%s has another key; recomputing it", path)
                 meta = None
             elif not cached:
-                return FrechetReference.from_stats(mu, sigma, int(meta["count"])), {
+                return fid.FrechetReference.from_stats(mu, sigma, int(meta["count"])), {
                     "is_mean": meta["is_mean"], "is_std": meta["is_std"],
                     "is_splits": meta["is_splits"], "stats_file": path, "count": self.num,
                     "from": "statistics file"}
         load = self.inception_cache("real", radius)
         parts = [load(s) for s in range(len(self.ranges))]
-        ref = FrechetReference.from_features(np.concatenate([f["pool"] for f in parts]))
+        ref = fid.FrechetReference.from_features(np.concatenate([f["pool"] for f in parts]))
         logits = np.concatenate([f["logits_unbiased"] for f in parts])
         splits = min(self.is_splits, len(logits))
         is_mean, is_std = fid.inception_score(logits, splits=splits)
@@ -998,8 +677,6 @@ class _Evaluation:
                    ) -> dict[str, Any]:
         """FID and IS per reranking size at ``radius`` (``keep``: only these captions,
         real images and samples alike)."""
-        from dalle_jax.evals import fid
-
         shards = range(len(self.ranges))
         ref = None
         if keep is None:
@@ -1013,7 +690,7 @@ class _Evaluation:
                                        for f, (lo, hi) in zip(parts, self.ranges)])
             real = {"count": len(pool), "is_mean": None, "is_std": None}
             if len(pool) >= 2:
-                ref = FrechetReference.from_features(pool)
+                ref = fid.FrechetReference.from_features(pool)
                 real["is_splits"] = min(self.is_splits, len(logits_r))
                 real["is_mean"], real["is_std"] = fid.inception_score(
                     logits_r, splits=real["is_splits"])
@@ -1068,7 +745,7 @@ class _Evaluation:
         from dalle_jax.data import imageio
         from dalle_jax.evals import blur
 
-        paths = list_images(self.overlap_spec)
+        paths = coco_files.list_images(self.overlap_spec)
         out: dict[str, Any] = {"train_images": self.overlap_spec, "listed": len(paths),
                                "threshold": self.overlap_threshold,
                                "feature": "inception pool (2048), cosine similarity"}
@@ -1090,12 +767,12 @@ class _Evaluation:
             if not os.path.isfile(path):
                 return None, "missing"
             try:
-                return blur.resize_center_crop(_load_image(path), self.image_size,
+                return blur.resize_center_crop(coco_files.load_image(path), self.image_size,
                                                self.real_resize), None
             except imageio.BadImage as e:
                 return None, e.reason
 
-        with concurrent.futures.ThreadPoolExecutor(_workers(self.workers)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(coco_files.workers_for(self.workers)) as pool:
             for c0 in range(0, len(paths), self.overlap_chunk):
                 chunk = paths[c0:c0 + self.overlap_chunk]
                 loaded = list(pool.map(load, chunk))

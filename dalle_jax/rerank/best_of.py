@@ -10,6 +10,11 @@ holds at most ``max_images`` images.
 Candidate ``j`` of caption ``i`` is global sample ``first_sample_index + i * N + j``, as
 in plain sampling: the reranked images are a subset of the images plain sampling with the
 same seed draws.
+
+`best_of_each_size` answers "what would reranking k candidates have kept?" for several k
+at once (the paper's FID against the reranking size): one pass over N candidates, drawn
+in ranges that end at every size (`chunk_bounds`), keeps the best of the first k for
+each k.
 """
 
 from __future__ import annotations
@@ -127,3 +132,104 @@ def best_of(sampler, scorer, captions: Sequence[str], *, num_candidates: int, ke
     sample_index = (first_sample_index + np.arange(n)[:, None] * num_candidates + out_cands)
     return Reranked(tokens=out_tokens, images=out_images, scores=out_scores,
                     candidates=out_cands, sample_index=sample_index, all_scores=all_scores)
+
+
+def chunk_bounds(num: int, sizes: Sequence[int], chunk: int) -> list[tuple[int, int]]:
+    """Consecutive candidate ranges ``[lo, hi)`` covering ``0..num-1``: every size ends a
+    range and no range is longer than ``chunk``."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    stops = sorted({k for k in sizes if 0 < k <= num} | set(range(chunk, num, chunk)) | {num})
+    bounds, lo = [], 0
+    for hi in stops:
+        while hi - lo > chunk:  # sizes closer than chunk never get here
+            bounds.append((lo, lo + chunk))
+            lo += chunk
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def best_of_each_size(sampler, scorer, captions: Sequence[str], *, num_candidates: int,
+                     sizes: Sequence[int], seed: int = 0, first_caption: int = 0,
+                     batch_size: int = 64, chunk: int = 64,
+                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """For each caption and each reranking size k, the best of its first k candidates.
+
+    Candidate j of caption ``first_caption + i`` is global sample
+    ``(first_caption + i) * num_candidates + j``; candidates ``0 .. max(sizes)-1`` are
+    drawn in `chunk_bounds` ranges, decoded, scored (when ``scorer`` is given; without it
+    only size 1 exists) and folded into a running best (a strictly higher score replaces
+    it, so ties keep the earlier candidate), whose value is recorded whenever a size is
+    reached. Returns arrays (``K = len(sizes)``):
+
+    * ``sizes`` (K,), ``candidate`` / ``sample_index`` (n, K) int64, ``score`` (n, K)
+      float32 (NaN without a scorer), ``tokens`` (n, K, G, G) int32;
+    * ``images`` (M, H, W, 3) uint8: the distinct picked images (a caption whose best
+      candidate is the same for several sizes stores it once), ``image_index`` (n, K) into
+      them, ``image_caption`` (M,) the caption row of each;
+    * ``all_scores`` (n, max(sizes)) every candidate's score (NaN without a scorer).
+    """
+    sizes = sorted(int(k) for k in sizes)
+    n, top = len(captions), sizes[-1]
+    if n == 0:
+        raise ValueError("no captions to sample for")
+    if sizes[0] < 1 or top > num_candidates:
+        raise ValueError(f"sizes {sizes} must lie in [1, num_candidates={num_candidates}]")
+    if scorer is None and top > 1:
+        raise ValueError(f"reranking {top} candidates needs a scorer")
+    rows = np.arange(n)
+    best: dict[str, np.ndarray] | None = None
+    kept: dict[int, dict[str, np.ndarray]] = {}
+    all_scores = np.full((n, top), np.nan, np.float32)
+    for lo, hi in chunk_bounds(top, sizes, chunk):
+        toks = sampler.tokens(list(captions), num_candidates=num_candidates, seed=seed,
+                              batch_size=batch_size,
+                              first_sample_index=first_caption * num_candidates,
+                              candidates=(lo, hi), progress=progress)
+        imgs = sampler.images(toks, batch_size=batch_size)
+        m = hi - lo
+        if scorer is not None:
+            flat = imgs.reshape((-1,) + imgs.shape[2:])
+            scores = np.asarray(scorer.score(flat, [c for c in captions for _ in range(m)]),
+                                np.float32).reshape(n, m)
+            if not np.isfinite(scores).all():
+                raise ValueError("the scorer returned non-finite scores")
+            all_scores[:, lo:hi] = scores
+            j = np.argmax(scores, axis=1)  # the first of equal maxima
+        else:
+            scores = np.full((n, m), np.nan, np.float32)
+            j = np.zeros(n, np.int64)
+        pick = {"candidate": lo + j, "score": scores[rows, j], "tokens": toks[rows, j],
+                "image": imgs[rows, j]}
+        if best is None:
+            best = pick
+        else:
+            better = pick["score"] > best["score"]
+            best = {k: np.where(better.reshape((-1,) + (1,) * (v.ndim - 1)), pick[k], v)
+                    for k, v in best.items()}
+        if hi in sizes:
+            kept[hi] = {k: v.copy() for k, v in best.items()}
+    cand = np.stack([kept[k]["candidate"] for k in sizes], axis=1).astype(np.int64)
+    images, owner = [], []
+    index = np.zeros((n, len(sizes)), np.int64)
+    for i in range(n):
+        seen: dict[int, int] = {}
+        for ki, k in enumerate(sizes):
+            c = int(cand[i, ki])
+            if c not in seen:
+                seen[c] = len(images)
+                images.append(kept[k]["image"][i])
+                owner.append(i)
+            index[i, ki] = seen[c]
+    return {
+        "sizes": np.asarray(sizes, np.int64),
+        "candidate": cand,
+        "sample_index": (first_caption + rows)[:, None].astype(np.int64) * num_candidates + cand,
+        "score": np.stack([kept[k]["score"] for k in sizes], axis=1).astype(np.float32),
+        "tokens": np.stack([kept[k]["tokens"] for k in sizes], axis=1).astype(np.int32),
+        "images": np.stack(images).astype(np.uint8),
+        "image_index": index,
+        "image_caption": np.asarray(owner, np.int64),
+        "all_scores": all_scores,
+    }
