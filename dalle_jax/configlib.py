@@ -72,6 +72,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return cfg
 
 
+def comma_list(value: Any) -> list[str]:
+    """The items of a comma-separated setting, whitespace stripped and empty items
+    dropped: ``"validation, test_compositional"`` -> ``["validation", "test_compositional"]``."""
+    return [x.strip() for x in str(value).split(",") if x.strip()]
+
+
 def check_choice(name: str, value: Any, choices: Any) -> Any:
     """Raises a ValueError naming ``name`` unless ``value`` is one of ``choices``."""
     if value not in choices:

@@ -150,6 +150,7 @@ def encode(cfg, workdir: str) -> None:
     The dVAE is ``cfg.encode.params`` if set, else the newest export in the workdir.
     Output: ``cfg.encode.out_dir`` or ``workdir/tokens``; finished shards are skipped.
     """
+    from dalle_jax import configlib
     from dalle_jax.tokenizers import pre_encode
     from dalle_jax.tokenizers.image_tokenizer import ImageTokenizer
 
@@ -159,7 +160,7 @@ def encode(cfg, workdir: str) -> None:
                                 "train the dVAE first (--job=train_dvae) or set --config.encode.params")
     tokenizer = ImageTokenizer.load(params_dir)
     out_dir = cfg.encode.out_dir or os.path.join(workdir, "tokens")
-    splits = [s.strip() for s in str(cfg.encode.splits).split(",") if s.strip()]
+    splits = configlib.comma_list(cfg.encode.splits)
     report = pre_encode.encode_dataset(cfg.data, tokenizer, out_dir, splits=splits,
                                        shard_size=int(cfg.encode.shard_size),
                                        batch_size=int(cfg.encode.batch_size), dvae_dir=params_dir)

@@ -32,6 +32,7 @@ import re
 import tarfile
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from dalle_jax import configlib
 from dalle_jax.data import imageio
 
 SPLITS = ("train", "validation")
@@ -170,7 +171,7 @@ class CaptionsConfig:
         """
         if not c.name:
             raise ValueError("data.captions.name is empty: name the dataset (e.g. :name=cc3m)")
-        sources = tuple(s.strip() for s in str(c.sources).split(",") if s.strip())
+        sources = tuple(configlib.comma_list(c.sources))
         try:
             return cls(
                 name=c.name,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from dalle_jax import exports
+from dalle_jax import configlib, exports
 from dalle_jax.evals import registry, shapes_match
 
 SUMMARY_KEYS = ("count", "matched", "fraction")
@@ -103,7 +103,7 @@ def headline(summary: dict[str, Any]) -> dict[str, float | None]:
 
 def split_names(value: Any) -> list[str]:
     """``"validation, test_compositional"`` → ``["validation", "test_compositional"]``."""
-    names = [x.strip() for x in str(value).split(",") if x.strip()]
+    names = configlib.comma_list(value)
     if not names:
         raise ValueError("caption match needs at least one split (e.g. 'validation')")
     return names

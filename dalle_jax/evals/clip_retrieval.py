@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from dalle_jax import sharding
+from dalle_jax import configlib, sharding
 from dalle_jax.data import augment, shapes, sources
 from dalle_jax.data import shapes_negatives as negatives_lib
 from dalle_jax.evals import registry
@@ -46,11 +46,6 @@ PyTree = Any
 
 # Seeds the evaluation negatives' generators (with the section's seed and the image index).
 _EVAL_STREAM = 0xE7A1
-
-
-def split_names(text: Any) -> list[str]:
-    """The split names of a comma-separated setting."""
-    return [s.strip() for s in str(text).split(",") if s.strip()]
 
 
 def section_problems(section: Any, *, prefix: str = "evals.clip") -> list[str]:
@@ -62,7 +57,7 @@ def section_problems(section: Any, *, prefix: str = "evals.clip") -> list[str]:
         problems.append(f"{prefix}.negatives must be >= 1, got {get('negatives', 8)}")
     if int(get("num_examples", 500)) < 0:
         problems.append(f"{prefix}.num_examples must be >= 0, got {get('num_examples', 500)}")
-    for split in split_names(get("splits", "validation")):
+    for split in configlib.comma_list(get("splits", "validation")):
         if split not in shapes.SPLITS:
             problems.append(f"{prefix}.splits names {split!r}, not a shapes split "
                             f"{shapes.SPLITS}")
@@ -103,7 +98,7 @@ class ClipRetrieval(registry.Evaluator):
             raise ValueError("invalid evaluation settings:\n  " + "\n  ".join(problems))
         if ctx.model is None or ctx.text_tokenizer is None:
             raise ValueError(f"evals.{name} needs the scorer's towers and tokenizer")
-        self.splits = split_names(self.setting("splits", "validation"))
+        self.splits = configlib.comma_list(self.setting("splits", "validation"))
         self.num_examples = int(self.setting("num_examples", 500))
         self.negatives = int(self.setting("negatives", 8))
         self.batch_size = max(1, int(self.setting("batch_size", 250)))
