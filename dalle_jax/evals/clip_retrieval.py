@@ -29,13 +29,9 @@ captions embedded per call), ``seed``.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from dalle_jax import configlib, sharding
 from dalle_jax.data import augment, shapes, sources
@@ -104,15 +100,8 @@ class ClipRetrieval(registry.Evaluator):
         self.batch_size = max(1, int(self.setting("batch_size", 250)))
         self.seed = int(self.setting("seed", 0))
         self.enabled = self.num_examples > 0 and bool(self.splits)
-        self.model = ctx.model
         self.config = ctx.model.config
         self.tokenizer = ctx.text_tokenizer
-        self.rules = sharding.get_rules(ctx.cfg.sharding_rules)
-        # The same unit-norm embeddings the reranking scorer computes.
-        from dalle_jax.rerank.scorer import encode_images, encode_texts
-
-        self._images = jax.jit(functools.partial(encode_images, model=self.model))
-        self._texts = jax.jit(functools.partial(encode_texts, model=self.model))
         self._data: dict[str, _EvalSplit] = {}
         self.last: dict | None = None
 
@@ -150,42 +139,22 @@ class ClipRetrieval(registry.Evaluator):
         self._data[split] = data
         return data
 
-    def _run(self, fn, params, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """``fn(params, *arrays)`` in batch-sharded chunks (the last one padded)."""
-        mesh = sharding.make_mesh(self.ctx.cfg.mesh)
-        shards = sharding.batch_shards(dict(mesh.shape), self.rules)
-        n = len(arrays[0])
-        size = -(-min(self.batch_size, n) // shards) * shards
-        out = []
-        for lo in range(0, n, size):
-            hi = min(lo + size, n)
-            rows = []
-            for a in arrays:
-                r = np.concatenate([a[lo:hi], np.repeat(a[hi - 1:hi], size - (hi - lo), 0)])
-                sh = NamedSharding(mesh, sharding.batch_spec(mesh, self.rules, r.ndim))
-                rows.append(jax.make_array_from_callback(r.shape, sh, lambda idx, r=r: r[idx]))
-            emb = fn(params, *rows)
-            if not emb.is_fully_addressable:
-                from jax.experimental import multihost_utils
-
-                emb = multihost_utils.process_allgather(emb, tiled=True)
-            out.append(np.asarray(emb, np.float32)[: hi - lo])
-        return np.concatenate(out)
-
-    def embed_texts(self, params, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        unique = sorted(set(texts))
-        tokens, eot, _ = self.tokenizer.encode_batch(unique, self.config.context_length)
-        emb = self._run(self._texts, params, [np.asarray(tokens, np.int32),
-                                              np.asarray(eot, np.int32)])
-        return dict(zip(unique, emb))
-
     def __call__(self, params: PyTree, step: int) -> dict[str, float]:
+        from dalle_jax.rerank.scorer import ClipScorer
+
+        # The reranker over these params: the embeddings reranking computes, in batches
+        # split over the run's mesh.
+        cfg = self.ctx.cfg
+        scorer = ClipScorer(self.config, params, self.tokenizer,
+                            mesh=sharding.make_mesh(cfg.mesh), rules=cfg.sharding_rules,
+                            batch_size=self.batch_size)
         result: dict[str, float] = {}
         for split in self.splits:
             d = self._load(split)
-            img = self._run(self._images, params, [d.pixels])
-            texts = d.captions + [t for row in d.negatives for t in row] + d.candidates
-            emb = self.embed_texts(params, texts)
+            img = scorer.embed_pixels(d.pixels)
+            unique = sorted(set(d.captions + [t for row in d.negatives for t in row]
+                                + d.candidates))
+            emb = dict(zip(unique, scorer.embed_captions(unique)))
             true = np.sum(img * np.stack([emb[c] for c in d.captions]), axis=-1)
             neg = np.einsum("me,mke->mk", img,
                             np.stack([np.stack([emb[t] for t in row]) for row in d.negatives]))

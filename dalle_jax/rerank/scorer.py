@@ -211,7 +211,12 @@ class ClipScorer:
         """Unit-norm image embeddings ``(N, E)`` of uint8 images ``(N, H, W, 3)``."""
         from dalle_jax.models import clip
 
-        pixels = np.asarray(clip.preprocess(np.asarray(images), self.config), np.float32)
+        return self.embed_pixels(np.asarray(clip.preprocess(np.asarray(images), self.config),
+                                            np.float32))
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Unit-norm image embeddings ``(N, E)`` of images already preprocessed for the
+        towers (`dalle_jax.models.clip.preprocess`), e.g. an evaluation set kept that way."""
         return self._run(self._images, [pixels])
 
     def embed_captions(self, captions: Sequence[str]) -> np.ndarray:
